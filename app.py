@@ -1,0 +1,5 @@
+"""Entry point for `gunicorn app:app` and `flask --app app ...`."""
+
+from keymeai import create_app
+
+app = create_app()

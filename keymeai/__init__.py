@@ -1,0 +1,39 @@
+"""KeyMeAI: a self-hosted, OpenAI-compatible gateway to DeepSeek, Qwen and Doubao."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from . import api, cli, db, limits, logs, ops
+from .auth import KeyCache
+from .config import Config, load_config
+from .errors import register_error_handlers
+from .gateway import Gateway
+from .upstream import Router
+
+__all__ = ["create_app"]
+
+
+def create_app(config: Config | None = None) -> Flask:
+    """Build the gateway from `config` (default: config.toml and the environment)."""
+    config = config or load_config()
+    logs.configure()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.gateway.max_request_bytes
+    app.json.ensure_ascii = False  # type: ignore[attr-defined]
+
+    db.open_database(config.database_url)
+    db.upgrade()  # creates the tables on first start; a no-op once up to date
+
+    register_error_handlers(app)
+    ops.init_app(app)
+    app.register_blueprint(api.bp)
+    limiter = limits.init_app(app, config)
+    app.extensions["keymeai"] = Gateway(
+        config=config,
+        router=Router(config),
+        keys=KeyCache(config.gateway.key_cache_seconds),
+        limiter=limiter,
+    )
+    cli.init_app(app)
+    return app

@@ -1,0 +1,89 @@
+"""The OpenAI-compatible API under /v1.
+
+A chat completion reads top to bottom: auth (the blueprint hook) → request limit
+(Flask-Limiter, attached by `limits.init_app`) → validation → token quota → route to an
+upstream → relay to the client → meter. The meter is finished on every way out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request
+
+from . import gateway, quota
+from .auth import authenticate
+from .config import Model
+from .errors import ApiError, model_not_found
+from .metering import Meter
+from .relay import relay
+from .upstream import UpstreamModelError
+from .validation import parse_chat_request, parse_json_body
+
+bp = Blueprint("api", __name__, url_prefix="/v1")
+
+
+@bp.before_request
+def require_key() -> None:
+    gw = gateway.current()
+    key = authenticate(gw.keys)
+    tier = gw.config.tiers.get(key.tier)
+    if tier is None:
+        raise ApiError(
+            403,
+            f"This key's tier ({key.tier}) is not offered any more. Contact the operator.",
+            code="tier_not_configured",
+        )
+    g.api_key = key
+    g.tier = tier
+
+
+@bp.post("/chat/completions")
+def chat_completions() -> Response:
+    gw = gateway.current()
+    key = g.api_key
+    chat = parse_chat_request(
+        parse_json_body(request.get_data(cache=False), request.content_type), gw.config.models
+    )
+    if key.allowed_models is not None and chat.model.id not in key.allowed_models:
+        raise ApiError(
+            403,
+            f"This key is not allowed to use the model `{chat.model.id}`.",
+            param="model",
+            code="model_not_allowed",
+        )
+    estimate = chat.prompt_estimate + (chat.max_tokens or gw.config.quota.default_completion_tokens)
+    reservation, g.quota = quota.reserve(key, g.tier, estimate, gw.config.quota)
+
+    meter = Meter(key, chat, g.request_id)
+    meter.reservation_id = reservation
+    try:
+        opened = gw.router.open(chat, meter)
+        return relay(opened, chat, meter, gw.config.gateway.stream_keepalive_seconds)
+    except UpstreamModelError:
+        meter.finish(500, "upstream_error")
+        raise
+    except ApiError as exc:
+        meter.finish(exc.status, "unavailable" if exc.status == 503 else "rejected")
+        raise
+    except BaseException:
+        meter.finish(500, "error")
+        raise
+
+
+def model_object(model: Model) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+
+
+@bp.get("/models")
+def list_models() -> Response:
+    models = gateway.current().config.models.values()
+    return jsonify({"object": "list", "data": [model_object(m) for m in models]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str) -> Response:
+    model = gateway.current().config.models.get(model_id)
+    if model is None:
+        raise model_not_found(model_id)
+    return jsonify(model_object(model))

@@ -1,0 +1,83 @@
+"""Bearer-key authentication, with a short in-process cache in front of the ledger.
+
+Most requests come from a few keys in bursts; caching each lookup for a couple of
+seconds spares the ledger a query per request while a revoked key still stops working
+on every instance within `gateway.key_cache_seconds` (at most 5 s).
+"""
+
+from __future__ import annotations
+
+import hmac
+import threading
+import time
+
+from flask import request
+
+from .errors import ApiError, invalid_api_key
+from .keys import KeyInfo, hash_key, is_well_formed, lookup
+from .ledger import utcnow
+
+MAX_CACHED = 10_000
+
+
+class KeyCache:
+    """Key lookups by hash, each kept `ttl` seconds; unknown keys are cached too."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self._entries: dict[str, tuple[float, KeyInfo | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, plain: str) -> KeyInfo | None:
+        digest = hash_key(plain)
+        now = time.monotonic()
+        entry = self._entries.get(digest)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        info = lookup(plain)
+        if self.ttl > 0:
+            with self._lock:
+                if len(self._entries) >= MAX_CACHED:
+                    self._entries.clear()
+                self._entries[digest] = (now + self.ttl, info)
+        return info
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def authenticate(cache: KeyCache) -> KeyInfo:
+    """The active key of the current request, or a 401 in OpenAI's words."""
+    header = request.headers.get("Authorization", "").strip()
+    if not header:
+        raise invalid_api_key(
+            "You didn't provide an API key. You need to provide your API key in an "
+            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise invalid_api_key(
+            "The Authorization header must use Bearer auth (Authorization: Bearer km-...)."
+        )
+    if not is_well_formed(token):
+        raise invalid_api_key("Incorrect API key provided. Keys look like km-...")
+    info = cache.get(token)
+    if info is None:
+        raise invalid_api_key(f"Incorrect API key provided: {token[:7]}****.")
+    if info.revoked:
+        raise invalid_api_key(f"This API key ({info.prefix}...) has been revoked.")
+    if info.expired(utcnow()):
+        raise invalid_api_key(f"This API key ({info.prefix}...) has expired.")
+    return info
+
+
+def require_admin_token(token: str) -> None:
+    """Let the request through only with `Authorization: Bearer <admin token>`."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, supplied = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        supplied.strip().encode(), token.encode()
+    ):
+        raise ApiError(401, "This endpoint needs the admin token.", code="invalid_admin_token")

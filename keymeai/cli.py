@@ -1,0 +1,183 @@
+"""Operator commands: `flask --app app keys ...`, `usage report`, `db upgrade`."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import sys
+from collections.abc import Sequence
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+
+from . import db, gateway, keys, reports
+from .config import ConfigError, validate_limits
+from .ledger import ApiKey, utcnow
+
+keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")
+usage_cli = AppGroup("usage", help="Usage and cost reports.")
+db_cli = AppGroup("db", help="Ledger schema.")
+
+
+def init_app(app: Flask) -> None:
+    for group in (keys_cli, usage_cli, db_cli):
+        app.cli.add_command(group)
+
+
+def _tier_choice(value: str) -> str:
+    tiers = gateway.current().config.tiers
+    if value not in tiers:
+        raise click.BadParameter(f"unknown tier {value!r} (configured: {', '.join(tiers)})")
+    return value
+
+
+def _key(ref: str) -> ApiKey:
+    try:
+        return keys.find_key(ref)
+    except keys.UnknownKey as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _status(row: ApiKey) -> str:
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and row.expires_at <= utcnow():
+        return "expired"
+    return "active"
+
+
+@keys_cli.command("create")
+@click.option("--name", required=True, help="Who the key is for.")
+@click.option("--tier", required=True, help="A tier of the config's tier table.")
+@click.option("--expires", type=click.DateTime(), help="Expiry (UTC), e.g. 2027-01-31.")
+def create_key(name: str, tier: str, expires: dt.datetime | None) -> None:
+    """Create a key; the key itself is printed once, alone on the last line."""
+    row, plain = keys.create_key(name, _tier_choice(tier), expires)
+    click.echo(f"Created key {row.id} ({row.prefix}) for {name!r} on tier {tier}.", err=False)
+    click.echo("Store it now: it cannot be shown again.")
+    click.echo(plain)
+
+
+@keys_cli.command("list")
+def list_keys() -> None:
+    """List keys (never the keys themselves: only their visible prefixes)."""
+    rows = keys.list_keys()
+    table = [("key_id", "prefix", "name", "tier", "status", "created", "expires", "limits")]
+    for row in rows:
+        limits = row.request_limits or ""
+        if row.tokens_per_month is not None:
+            limits = f"{limits} {row.tokens_per_month} tokens/month".strip()
+        table.append(
+            (
+                str(row.id),
+                row.prefix,
+                row.name,
+                row.tier,
+                _status(row),
+                f"{row.created_at:%Y-%m-%d %H:%M}",
+                f"{row.expires_at:%Y-%m-%d %H:%M}" if row.expires_at else "",
+                limits,
+            )
+        )
+    _print_table(table)
+
+
+@keys_cli.command("revoke")
+@click.argument("key")
+def revoke_key(key: str) -> None:
+    """Revoke KEY (its id or prefix); every instance refuses it within seconds."""
+    row = keys.revoke_key(_key(key))
+    click.echo(f"Revoked key {row.id} ({row.prefix}).")
+
+
+@keys_cli.command("set-tier")
+@click.argument("key")
+@click.argument("tier")
+def set_tier(key: str, tier: str) -> None:
+    """Move KEY (its id or prefix) to TIER."""
+    row = keys.update_key(_key(key), tier=_tier_choice(tier))
+    click.echo(f"Key {row.id} ({row.prefix}) is now on tier {row.tier}.")
+
+
+@keys_cli.command("set-limits")
+@click.argument("key")
+@click.option(
+    "--requests",
+    "request_limits",
+    multiple=True,
+    help='A request limit such as "500 per minute" (repeatable). Overrides the tier.',
+)
+@click.option("--tokens-per-month", type=click.IntRange(min=1), help="Monthly token quota.")
+@click.option("--clear", is_flag=True, help="Drop the key's own limits: back to its tier's.")
+def set_limits(
+    key: str, request_limits: tuple[str, ...], tokens_per_month: int | None, clear: bool
+) -> None:
+    """Give KEY its own limits (the Scale tier's custom limits)."""
+    row = _key(key)
+    if clear:
+        row = keys.update_key(row, request_limits=None, tokens_per_month=None)
+    else:
+        changes: dict[str, object] = {}
+        if request_limits:
+            try:
+                limits = validate_limits(list(request_limits), "--requests")
+                changes["request_limits"] = ";".join(limits)
+            except ConfigError as exc:
+                raise click.BadParameter(str(exc)) from None
+        if tokens_per_month is not None:
+            changes["tokens_per_month"] = tokens_per_month
+        if not changes:
+            raise click.UsageError("give --requests, --tokens-per-month or --clear")
+        row = keys.update_key(row, **changes)
+    click.echo(
+        f"Key {row.id} ({row.prefix}): requests {row.request_limits or 'from tier'}, "
+        f"tokens/month {row.tokens_per_month if row.tokens_per_month is not None else 'from tier'}."
+    )
+
+
+@usage_cli.command("report")
+@click.option("--month", help="YYYY-MM (default: this month, UTC).")
+@click.option("--key", "key_ref", help="Only this key (its id or prefix).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+def usage_report(month: str | None, key_ref: str | None, fmt: str) -> None:
+    """Requests, tokens and cost per key and model for a month."""
+    try:
+        first = reports.parse_month(month) if month else utcnow().date().replace(day=1)
+    except ValueError:
+        raise click.BadParameter("expected YYYY-MM", param_hint="--month") from None
+    key_id = _key(key_ref).id if key_ref else None
+    rows = reports.monthly_usage(first, key_id)
+    if fmt == "json":
+        click.echo(reports.to_json(rows))
+        return
+    values = [[str(getattr(row, f)) for f in reports.FIELDS] for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(reports.FIELDS)
+        writer.writerows(values)
+        click.echo(out.getvalue(), nl=False)
+        return
+    _print_table([tuple(reports.FIELDS), *[tuple(v) for v in values]])
+
+
+@db_cli.command("upgrade")
+def upgrade() -> None:
+    """Apply pending schema migrations (idempotent; safe to run concurrently)."""
+    applied = db.upgrade()
+    click.echo(f"Applied {', '.join(applied)}." if applied else "Schema is up to date.")
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        line = "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
+        sys.stdout.write(line.rstrip() + "\n")

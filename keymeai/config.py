@@ -1,0 +1,366 @@
+"""Configuration: read the TOML file once, apply environment overrides, validate.
+
+Everything the gateway needs at run time is parsed here into frozen dataclasses, so a
+mistake in the file stops start-up with a message naming the bad key, instead of
+surfacing later as a 500 on some request.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from limits import parse_many
+
+DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
+PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per 1M tokens."""
+
+    input: Decimal
+    cached_input: Decimal
+    output: Decimal
+
+
+@dataclass(frozen=True)
+class Upstream:
+    provider: str
+    model: str
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    owned_by: str
+    created: int
+    upstreams: tuple[Upstream, ...]
+    price: Price
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    base_url: str
+    api_key_env: str
+    connect_timeout: float
+    read_timeout: float
+    max_connections: int
+    api_key: str = field(repr=False, default="")
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    requests: tuple[str, ...]
+    tokens_per_month: int | None
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    max_request_bytes: int = 8 * 1024 * 1024
+    key_cache_seconds: float = 2.0
+    stream_keepalive_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class RateLimitSettings:
+    storage_uri: str = "memory://"
+    on_storage_error: str = "allow"
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    default_completion_tokens: int = 4096
+    reservation_seconds: int = 900
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    failure_threshold: int = 3
+    cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class Config:
+    database_url: str
+    gateway: GatewaySettings
+    ratelimit: RateLimitSettings
+    quota: QuotaSettings
+    routing: RoutingSettings
+    tiers: Mapping[str, Tier]
+    providers: Mapping[str, Provider]
+    models: Mapping[str, Model]
+    admin_token: str | None = field(repr=False, default=None)
+    source: str = "<mapping>"
+
+
+class _Section:
+    """A TOML table being read: tracks its dotted path and rejects unknown keys."""
+
+    def __init__(self, data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a table")
+        self.data = dict(data)
+        self.path = path
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def take(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+        if name not in self.data:
+            if default is ...:
+                raise ConfigError(f"{self.key(name)}: missing (required)")
+            return default
+        value = self.data.pop(name)
+        if isinstance(value, bool) and bool not in _as_tuple(kind):
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float = 0) -> float:
+        value = float(self.take(name, (int, float), default))
+        if value <= minimum:
+            raise ConfigError(f"{self.key(name)}: must be greater than {minimum:g}")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int = 1) -> int:
+        value: int = self.take(name, int, default)
+        if value < minimum:
+            raise ConfigError(f"{self.key(name)}: must be at least {minimum}")
+        return value
+
+    def optional_integer(self, name: str, minimum: int = 1) -> int | None:
+        return self.integer(name, 0, minimum) if name in self.data else None
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.take(name, dict, {}), self.key(name))
+
+    def done(self) -> None:
+        if self.data:
+            unknown = ", ".join(self.key(k) for k in sorted(self.data))
+            raise ConfigError(f"{unknown}: unknown key")
+
+
+def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", dict: "a table"}
+    names.update({list: "an array", bool: "true or false"})
+    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read the config file (KEYMEAI_CONFIG, else ./config.toml) and the environment."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get("KEYMEAI_CONFIG") or DEFAULT_PATH)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return parse_config(data, environ, source=str(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def parse_config(
+    data: Mapping[str, Any], environ: Mapping[str, str], source: str = "<mapping>"
+) -> Config:
+    """Validate a parsed TOML document and build the typed Config."""
+    root = _Section(data, "")
+
+    gw = root.section("gateway")
+    gateway = GatewaySettings(
+        max_request_bytes=gw.integer("max_request_bytes", 8 * 1024 * 1024),
+        key_cache_seconds=gw.number("key_cache_seconds", 2.0, minimum=-1),
+        stream_keepalive_seconds=gw.number("stream_keepalive_seconds", 10.0),
+    )
+    gw.done()
+    if gateway.key_cache_seconds > 5:
+        raise ConfigError("gateway.key_cache_seconds: at most 5 (revocation must apply within 5 s)")
+
+    db = root.section("database")
+    database_url = environ.get("DATABASE_URL") or db.take("url", str, "sqlite:///keymeai.db")
+    db.done()
+    _check_database_url(database_url)
+
+    rl = root.section("ratelimit")
+    storage_uri = (
+        environ.get("RATELIMIT_STORAGE_URI")
+        or environ.get("REDIS_URL")
+        or rl.take("storage_uri", str, "memory://")
+    )
+    rl.data.pop("storage_uri", None)
+    on_error = rl.take("on_storage_error", str, "allow")
+    if on_error not in ("allow", "deny"):
+        raise ConfigError('ratelimit.on_storage_error: must be "allow" or "deny"')
+    rl.done()
+    if urlsplit(storage_uri).scheme not in ("memory", "redis", "rediss", "redis+sentinel"):
+        raise ConfigError(
+            f"ratelimit.storage_uri: unsupported scheme in {storage_uri.split(':')[0]!r}"
+            " (use memory://, redis:// or rediss://)"
+        )
+
+    qs = root.section("quota")
+    quota = QuotaSettings(
+        default_completion_tokens=qs.integer("default_completion_tokens", 4096),
+        reservation_seconds=qs.integer("reservation_seconds", 900),
+    )
+    qs.done()
+
+    rs = root.section("routing")
+    routing = RoutingSettings(
+        failure_threshold=rs.integer("failure_threshold", 3),
+        cooldown_seconds=rs.number("cooldown_seconds", 30.0),
+    )
+    rs.done()
+
+    tiers = _parse_tiers(root.section("tiers"))
+    providers = _parse_providers(root.section("providers"), environ)
+    models = _parse_models(root.section("models"), providers)
+    root.done()
+
+    return Config(
+        database_url=database_url,
+        gateway=gateway,
+        ratelimit=RateLimitSettings(storage_uri=storage_uri, on_storage_error=on_error),
+        quota=quota,
+        routing=routing,
+        tiers=tiers,
+        providers=providers,
+        models=models,
+        admin_token=environ.get("KEYMEAI_ADMIN_TOKEN") or None,
+        source=source,
+    )
+
+
+def _check_database_url(url: str) -> None:
+    scheme = urlsplit(url).scheme.split("+")[0]
+    if scheme not in ("sqlite", "postgres", "postgresql"):
+        raise ConfigError(
+            f"database.url: unsupported scheme {scheme!r} (use sqlite:///, postgres:// "
+            "or postgresql://)"
+        )
+
+
+def validate_limits(value: Any, key: str) -> tuple[str, ...]:
+    """Check a list of Flask-Limiter limit strings (e.g. "100 per day")."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f'{key}: expected an array of limit strings like "100 per day"')
+    for item in value:
+        try:
+            parse_many(item)
+        except ValueError:
+            raise ConfigError(f'{key}: invalid limit {item!r} (e.g. "100 per day")') from None
+    return tuple(value)
+
+
+def _parse_tiers(section: _Section) -> dict[str, Tier]:
+    tiers = {}
+    for name in list(section.data):
+        tier = section.section(name)
+        requests = validate_limits(tier.take("requests", list), tier.key("requests"))
+        tokens = tier.optional_integer("tokens_per_month")
+        tier.done()
+        tiers[name] = Tier(name=name, requests=requests, tokens_per_month=tokens)
+    if not tiers:
+        raise ConfigError("tiers: at least one tier is required")
+    return tiers
+
+
+def _parse_providers(section: _Section, environ: Mapping[str, str]) -> dict[str, Provider]:
+    providers = {}
+    for name in list(section.data):
+        p = section.section(name)
+        base_url = p.take("base_url", str).rstrip("/")
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ConfigError(f"{p.key('base_url')}: expected an http(s) URL")
+        api_key_env = p.take("api_key_env", str)
+        if not api_key_env.isidentifier():
+            raise ConfigError(f"{p.key('api_key_env')}: expected an environment variable name")
+        providers[name] = Provider(
+            name=name,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            connect_timeout=p.number("connect_timeout", 5.0),
+            read_timeout=p.number("read_timeout", 300.0),
+            max_connections=p.integer("max_connections", 100),
+            api_key=environ.get(api_key_env, ""),
+        )
+        p.done()
+    return providers
+
+
+def _parse_models(section: _Section, providers: Mapping[str, Provider]) -> dict[str, Model]:
+    models = {}
+    for model_id in list(section.data):
+        m = section.section(model_id)
+        upstream_list = m.take("upstreams", list)
+        if not upstream_list:
+            raise ConfigError(f"{m.key('upstreams')}: at least one upstream is required")
+        upstreams = []
+        for i, raw in enumerate(upstream_list):
+            u = _Section(raw, f"{m.key('upstreams')}[{i}]")
+            provider = u.take("provider", str)
+            if provider not in providers:
+                known = ", ".join(sorted(providers)) or "none"
+                raise ConfigError(
+                    f"{u.key('provider')}: unknown provider {provider!r} (known: {known})"
+                )
+            upstreams.append(Upstream(provider=provider, model=u.take("model", str)))
+            u.done()
+        price = m.section("price")
+        models[model_id] = Model(
+            id=model_id,
+            owned_by=m.take("owned_by", str, "keymeai"),
+            created=m.integer("created", 0, minimum=0),
+            upstreams=tuple(upstreams),
+            price=_parse_price(price),
+        )
+        m.done()
+    if not models:
+        raise ConfigError("models: at least one model is required")
+    return models
+
+
+def _parse_price(p: _Section) -> Price:
+    def amount(name: str, default: Decimal | None = None) -> Decimal:
+        raw = p.take(name, (int, float), default if default is not None else ...)
+        value = Decimal(str(raw))
+        if value < 0:
+            raise ConfigError(f"{p.key(name)}: must not be negative")
+        exponent = value.normalize().as_tuple().exponent
+        if isinstance(exponent, int) and -exponent > PRICE_DECIMALS:
+            raise ConfigError(f"{p.key(name)}: at most {PRICE_DECIMALS} decimal places")
+        return value
+
+    input_price = amount("input")
+    price = Price(
+        input=input_price,
+        cached_input=amount("cached_input", input_price),
+        output=amount("output"),
+    )
+    p.done()
+    return price

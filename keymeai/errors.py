@@ -1,0 +1,106 @@
+"""Errors in OpenAI's shape, for every status the gateway answers with.
+
+Clients (the openai SDK first of all) read `error.message`, `error.type`, `error.param`
+and `error.code`; they get that body whatever went wrong, never an HTML page or a
+traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from flask import Flask, Response, g, json
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+
+log = logging.getLogger(__name__)
+
+# Werkzeug's own errors (routing, body size, methods) and what the client reads.
+_HTTP_MESSAGES = {
+    404: ("Unknown request URL. Please check the URL and method.", "unknown_url"),
+    405: ("Method not allowed for this URL.", "method_not_allowed"),
+    413: ("Request body too large.", "request_too_large"),
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client as `{"error": {...}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> Response:
+        resp = Response(json.dumps(self.body()), self.status, mimetype="application/json")
+        resp.headers.update(self.headers)
+        return resp
+
+
+def invalid(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def invalid_api_key(message: str) -> ApiError:
+    return ApiError(401, message, code="invalid_api_key")
+
+
+def model_not_found(model_id: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model `{model_id[:200]}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def server_error(message: str = "The server had an error processing your request.") -> ApiError:
+    return ApiError(500, message, type="server_error")
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every error, expected or not, in OpenAI's shape."""
+
+    @app.errorhandler(ApiError)
+    def api_error(exc: ApiError) -> Response:
+        return exc.response()
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message, code = _HTTP_MESSAGES.get(status, (exc.description or exc.name, None))
+        if status >= 500:
+            return server_error().response()
+        error = ApiError(status, message, code=code)
+        if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
+            error.headers["Allow"] = ", ".join(exc.valid_methods)
+        return error.response()
+
+    @app.errorhandler(Exception)
+    def unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error", extra={"request_id": g.get("request_id")})
+        return server_error().response()

@@ -1,0 +1,25 @@
+"""The per-app state the request path needs, kept on `app.extensions`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+from flask import current_app
+from flask_limiter import Limiter
+
+from .auth import KeyCache
+from .config import Config
+from .upstream import Router
+
+
+@dataclass
+class Gateway:
+    config: Config
+    router: Router
+    keys: KeyCache
+    limiter: Limiter
+
+
+def current() -> Gateway:
+    return cast(Gateway, current_app.extensions["keymeai"])

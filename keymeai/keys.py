@@ -1,0 +1,131 @@
+"""Customer API keys: creation, lookup and the operator's changes.
+
+A key is `km-` plus 43 URL-safe random characters (256 bits). Only its SHA-256 is
+stored: with that much entropy a slow password hash adds cost and no safety. The first
+11 characters (`km-` and 8 more) are kept as the visible prefix operators refer to.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import secrets
+from dataclasses import dataclass
+
+from .db import connection, write_transaction
+from .ledger import ApiKey, utcnow
+
+KEY_RE = re.compile(r"km-[A-Za-z0-9_-]{32,200}")
+PREFIX_LENGTH = 11
+
+
+class UnknownKey(LookupError):
+    """No single key matches the operator's reference."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """What a request needs to know about its key: a snapshot, safe to cache."""
+
+    id: int
+    name: str
+    prefix: str
+    tier: str
+    request_limits: tuple[str, ...] | None
+    tokens_per_month: int | None
+    allowed_models: frozenset[str] | None
+    spend_cap_units: int | None
+    expires_at: dt.datetime | None
+    revoked: bool
+
+    @classmethod
+    def from_row(cls, row: ApiKey) -> KeyInfo:
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            tier=row.tier,
+            request_limits=tuple(row.request_limits.split(";")) if row.request_limits else None,
+            tokens_per_month=row.tokens_per_month,
+            allowed_models=frozenset(row.allowed_models.split(",")) if row.allowed_models else None,
+            spend_cap_units=row.spend_cap_units,
+            expires_at=row.expires_at,
+            revoked=row.revoked_at is not None,
+        )
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
+
+def generate_key() -> str:
+    return "km-" + secrets.token_urlsafe(32)
+
+
+def hash_key(plain: str) -> str:
+    return hashlib.sha256(plain.encode()).hexdigest()
+
+
+def is_well_formed(plain: str) -> bool:
+    return KEY_RE.fullmatch(plain) is not None
+
+
+def lookup(plain: str) -> KeyInfo | None:
+    """The key whose hash matches, revoked or not; None if there is none."""
+    with connection():
+        row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(plain))
+    return KeyInfo.from_row(row) if row else None
+
+
+def create_key(name: str, tier: str, expires_at: dt.datetime | None = None) -> tuple[ApiKey, str]:
+    """Store a new key; the plain key is returned once and never again."""
+    plain = generate_key()
+    with connection():
+        row = ApiKey.create(
+            name=name,
+            tier=tier,
+            prefix=plain[:PREFIX_LENGTH],
+            key_hash=hash_key(plain),
+            expires_at=expires_at,
+        )
+    return row, plain
+
+
+def find_key(ref: str) -> ApiKey:
+    """The key named by its id (`12`) or its visible prefix (`km-AbCd1234`)."""
+    ref = ref.strip()
+    with connection():
+        if ref.isdigit():
+            row = ApiKey.get_or_none(ApiKey.id == int(ref))
+            if row is None:
+                raise UnknownKey(f"no key with id {ref}")
+            return row
+        if ref.startswith("km-") and len(ref) > PREFIX_LENGTH:
+            # A full key pasted by the operator: match on its hash, never store it.
+            row = ApiKey.get_or_none(ApiKey.key_hash == hash_key(ref))
+        else:
+            rows = list(ApiKey.select().where(ApiKey.prefix == ref).limit(2))
+            if len(rows) > 1:
+                raise UnknownKey(f"prefix {ref} matches several keys; use the key id")
+            row = rows[0] if rows else None
+    if row is None:
+        raise UnknownKey(f"no key with prefix {ref}")
+    return row
+
+
+def list_keys() -> list[ApiKey]:
+    with connection():
+        return list(ApiKey.select().order_by(ApiKey.id))
+
+
+def update_key(row: ApiKey, **fields: object) -> ApiKey:
+    """Write changed fields of a key (tier, limits, revocation...)."""
+    with connection(), write_transaction():
+        ApiKey.update(**fields).where(ApiKey.id == row.id).execute()
+        return ApiKey.get_by_id(row.id)
+
+
+def revoke_key(row: ApiKey) -> ApiKey:
+    if row.revoked_at is not None:
+        return row
+    return update_key(row, revoked_at=utcnow())

@@ -1,0 +1,203 @@
+"""Metering: one usage record per request that reached an upstream, written once.
+
+A `Meter` follows a request from routing to the last byte relayed. It takes the usage
+the upstream reports (DeepSeek on its finish chunk, DashScope and Ark on a separate
+chunk, everyone on a non-stream body) and, for a stream cut short or an upstream that
+reports nothing, an estimate of what was relayed, flagged as such. `finish()` writes the
+record, the day's roll-up and the release of the quota reservation in one transaction,
+whatever path the request ended by: success, a client that hung up, an upstream that
+died, an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from typing import Any
+
+from peewee import EXCLUDED, InterfaceError, OperationalError
+
+from . import metrics
+from .billing import Usage, cost_units
+from .config import Upstream
+from .db import connection, write_transaction
+from .keys import KeyInfo
+from .ledger import QuotaReservation, UsageDaily, UsageRecord, utcnow
+from .tokens import delta_text, estimate_text
+from .validation import ChatRequest
+
+log = logging.getLogger(__name__)
+
+WRITE_ATTEMPTS = 5
+# Outcomes after which the client received (part of) an answer: billed, estimated if need be.
+DELIVERED = {"ok", "client_closed", "upstream_failed"}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _nested(raw: dict[str, Any], outer: str, inner: str) -> Any:
+    details = raw.get(outer)
+    return details.get(inner) if isinstance(details, dict) else None
+
+
+def parse_usage(raw: Any) -> Usage | None:
+    """A provider's `usage` object as counts; None if it is missing or malformed."""
+    if not isinstance(raw, dict):
+        return None
+    prompt, completion = _count(raw.get("prompt_tokens")), _count(raw.get("completion_tokens"))
+    if prompt is None or completion is None:
+        return None
+    cached = _count(raw.get("prompt_cache_hit_tokens"))  # DeepSeek
+    if cached is None:
+        cached = _count(_nested(raw, "prompt_tokens_details", "cached_tokens")) or 0
+    reasoning = _count(_nested(raw, "completion_tokens_details", "reasoning_tokens")) or 0
+    return Usage(prompt, completion, min(cached, prompt), reasoning)
+
+
+class Meter:
+    """The ledger's view of one request; `finish()` writes it exactly once."""
+
+    def __init__(self, key: KeyInfo, chat: ChatRequest, request_id: str) -> None:
+        self.key = key
+        self.chat = chat
+        self.request_id = request_id
+        self.started = time.monotonic()
+        self.upstream: Upstream | None = None
+        self.attempts = 0
+        self.usage: Usage | None = None
+        self.output_estimate = 0.0
+        self.reservation_id: int | None = None
+        self._finished = False
+        self._lock = threading.Lock()
+
+    def attempt(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.attempts += 1
+
+    def observe(self, obj: dict[str, Any]) -> None:
+        """Take usage and generated text from a completion body or a stream chunk."""
+        usage = obj.get("usage")
+        if usage:
+            self.usage = parse_usage(usage) or self.usage
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                text = delta_text(choice.get("delta") or choice.get("message"))
+                if text:
+                    self.output_estimate += estimate_text(text)
+
+    def billable_usage(self, outcome: str) -> Usage:
+        if outcome not in DELIVERED:
+            return Usage()  # nothing reached the client: not billed
+        if self.usage is not None:
+            return self.usage
+        return Usage(
+            prompt=self.chat.prompt_estimate,
+            completion=math.ceil(self.output_estimate),
+            estimated=True,
+        )
+
+    def finish(self, status: int, outcome: str) -> None:
+        """Write the usage record (if an upstream was reached) and release the quota hold."""
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+        usage = self.billable_usage(outcome)
+        latency_ms = int((time.monotonic() - self.started) * 1000)
+        fields = None
+        if self.upstream is not None:
+            fields = {
+                "key": self.key.id,
+                "created_at": utcnow(),
+                "request_id": self.request_id,
+                "model": self.chat.model.id,
+                "provider": self.upstream.provider,
+                "upstream_model": self.upstream.model,
+                "stream": self.chat.stream,
+                "status": status,
+                "outcome": outcome,
+                "attempts": self.attempts,
+                "prompt_tokens": usage.prompt,
+                "completion_tokens": usage.completion,
+                "total_tokens": usage.total,
+                "cached_tokens": usage.cached,
+                "reasoning_tokens": usage.reasoning,
+                "estimated": usage.estimated,
+                "latency_ms": latency_ms,
+                "cost_units": cost_units(self.chat.model.price, usage),
+            }
+        if fields is not None or self.reservation_id is not None:
+            write_usage(fields, self.reservation_id)
+        metrics.request_finished(self.chat.model.id, status, outcome, usage)
+        log.info(
+            "chat completion",
+            extra={
+                "request_id": self.request_id,
+                "key_id": self.key.id,
+                "model": self.chat.model.id,
+                "upstream": f"{self.upstream.provider}/{self.upstream.model}"
+                if self.upstream
+                else None,
+                "status": status,
+                "outcome": outcome,
+                "latency_ms": latency_ms,
+                "prompt_tokens": usage.prompt,
+                "completion_tokens": usage.completion,
+                "estimated": usage.estimated,
+                "stream": self.chat.stream,
+            },
+        )
+
+
+def write_usage(fields: dict[str, Any] | None, reservation_id: int | None) -> None:
+    """Insert the record, bump the day's roll-up, drop the reservation: all or nothing.
+
+    Retried on transient errors (a locked SQLite file, a dropped PostgreSQL connection);
+    if the ledger stays unreachable the record is logged in full so it can be replayed.
+    """
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            with connection(), write_transaction():
+                if fields is not None:
+                    UsageRecord.insert(**fields).execute()
+                    _roll_up(fields)
+                if reservation_id is not None:
+                    QuotaReservation.delete().where(QuotaReservation.id == reservation_id).execute()
+            return
+        except (OperationalError, InterfaceError) as exc:
+            if attempt == WRITE_ATTEMPTS:
+                log.error("usage record not written: %s", exc, extra={"usage_record": fields})
+                return
+            time.sleep(0.05 * 2**attempt)
+
+
+def _roll_up(fields: dict[str, Any]) -> None:
+    sums = {
+        "prompt_tokens": fields["prompt_tokens"],
+        "completion_tokens": fields["completion_tokens"],
+        "cached_tokens": fields["cached_tokens"],
+        "total_tokens": fields["total_tokens"],
+        "cost_units": fields["cost_units"],
+    }
+    update = {
+        getattr(UsageDaily, name): getattr(UsageDaily, name) + getattr(EXCLUDED, name)
+        for name in [*sums, "requests"]
+    }
+    (
+        UsageDaily.insert(
+            key=fields["key"],
+            day=fields["created_at"].date(),
+            model=fields["model"],
+            requests=1,
+            **sums,
+        )
+        .on_conflict(
+            conflict_target=[UsageDaily.key, UsageDaily.day, UsageDaily.model],
+            update=update,
+        )
+        .execute()
+    )

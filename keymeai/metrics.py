@@ -1,0 +1,59 @@
+"""Prometheus metrics, correct across gunicorn worker processes.
+
+When `PROMETHEUS_MULTIPROC_DIR` is set (gunicorn.conf.py does it before the workers
+start) prometheus-client keeps each worker's values in files there and `/metrics`
+merges them; otherwise the process's own registry is served.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from .billing import Usage
+
+REQUESTS = Counter(
+    "keymeai_requests",
+    "Chat completion requests by model, status and outcome.",
+    ["model", "status", "outcome"],
+)
+TOKENS = Counter("keymeai_tokens", "Tokens metered, by model and kind.", ["model", "kind"])
+UPSTREAM_LATENCY = Histogram(
+    "keymeai_upstream_latency_seconds",
+    "Time from forwarding a request to the upstream's first answer.",
+    ["provider"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+FAILOVERS = Counter(
+    "keymeai_upstream_failures", "Upstream attempts that failed over.", ["provider", "reason"]
+)
+REJECTIONS = Counter("keymeai_limit_rejections", "Requests refused by a limit.", ["reason"])
+STREAMS = Gauge(
+    "keymeai_streams_in_flight", "Streams being relayed now.", multiprocess_mode="livesum"
+)
+
+
+def request_finished(model: str, status: int, outcome: str, usage: Usage) -> None:
+    REQUESTS.labels(model, str(status), outcome).inc()
+    if usage.total:
+        TOKENS.labels(model, "prompt").inc(usage.prompt)
+        TOKENS.labels(model, "completion").inc(usage.completion)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The metrics page, merged over all worker processes when there are several."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

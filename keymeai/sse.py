@@ -1,0 +1,111 @@
+"""Reading an upstream's server-sent events.
+
+Providers frame SSE loosely (DashScope writes `data:{...}` with no space, DeepSeek sends
+`: keep-alive` comments while a request is queued), so the decoder follows the SSE rules
+leniently. The reader runs on its own thread (a greenlet under gevent) so that the relay
+can wait for the next event with a timeout and ping an idle client meanwhile: a
+blocking read cannot be interrupted without losing the connection's state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from dataclasses import dataclass
+
+import requests
+
+READ_SIZE = 65536
+
+
+@dataclass(frozen=True)
+class UpstreamEnded:
+    """The upstream closed the stream normally."""
+
+
+@dataclass(frozen=True)
+class UpstreamFailed:
+    """The stream broke: connection lost, read timeout, bad framing."""
+
+    reason: str
+
+
+# An item from the reader: a data payload, None for a comment (keep-alive), or the end.
+Event = bytes | None | UpstreamEnded | UpstreamFailed
+
+
+class SSEDecoder:
+    """Incremental SSE decoder: feed it bytes, get back complete events."""
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes | None]:
+        lines = (self._pending + chunk).split(b"\n")
+        self._pending = lines.pop()
+        events: list[bytes | None] = []
+        for line in lines:
+            self._line(line.removesuffix(b"\r"), events)
+        return events
+
+    def finish(self) -> list[bytes | None]:
+        """Events left at the end of the stream, even without their final blank line."""
+        events: list[bytes | None] = []
+        if self._pending:
+            self._line(self._pending.removesuffix(b"\r"), events)
+            self._pending = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[bytes | None]) -> None:
+        if not line:
+            if self._data:
+                events.append(b"\n".join(self._data))
+                self._data = []
+            return
+        if line.startswith(b":"):
+            if None not in events:
+                events.append(None)
+            return
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            self._data.append(value.removeprefix(b" "))
+
+
+class EventReader:
+    """Reads one upstream SSE response on a helper thread into a queue."""
+
+    def __init__(self, response: requests.Response) -> None:
+        self._response = response
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="upstream-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        decoder = SSEDecoder()
+        raw = self._response.raw
+        put = self._queue.put
+        try:
+            while chunk := raw.read1(READ_SIZE, decode_content=True):
+                for event in decoder.feed(chunk):
+                    put(event)
+            for event in decoder.finish():
+                put(event)
+            put(UpstreamEnded())
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream the same way
+            put(UpstreamFailed(type(exc).__name__))
+        finally:
+            self._response.close()
+
+    def get(self, timeout: float | None) -> Event:
+        """The next event; raises queue.Empty if none came within `timeout` seconds."""
+        return self._queue.get(timeout=timeout)
+
+    def close(self) -> None:
+        """Stop reading: wakes the reader thread if it is blocked on the socket."""
+        if self._thread.is_alive():
+            # Errors mean the reader closed the response itself meanwhile.
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self._response.raw.shutdown()

@@ -1,0 +1,150 @@
+"""Parsing and checking the body of POST /v1/chat/completions.
+
+The documented parameters are checked here, each failure a 400 naming its `param`, so
+that a bad request never costs an upstream call. Every other field passes through to
+the provider untouched: the upstream knows its own parameters best.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .config import Model
+from .errors import invalid, model_not_found
+from .tokens import estimate_prompt_tokens
+
+ROLES = ("system", "user", "assistant", "tool")
+JSON_TYPES = ("application/json",)
+
+
+@dataclass
+class ChatRequest:
+    """A validated chat completion request."""
+
+    body: dict[str, Any]
+    model: Model
+    stream: bool
+    include_usage: bool  # the client asked for the usage chunk of a stream
+    max_tokens: int | None
+    prompt_estimate: int
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong with it."""
+    mimetype = (content_type or "").split(";")[0].strip().lower()
+    if mimetype not in JSON_TYPES and not mimetype.endswith("+json"):
+        raise invalid(
+            "Content-Type must be application/json "
+            f"(got {mimetype or 'none'!r}); send the request body as JSON."
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid("The request body is not valid UTF-8.") from None
+    if not text.strip():
+        raise invalid("The request body is empty; expected a JSON object.")
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise invalid(f"We could not parse the JSON body of your request: {detail}.") from None
+    if not isinstance(body, dict):
+        raise invalid("The request body must be a JSON object.")
+    return body
+
+
+def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> ChatRequest:
+    """Check the documented parameters; the rest is the provider's business."""
+    model_id = body.get("model")
+    if model_id is None:
+        raise invalid("you must provide a model parameter", "model")
+    if not isinstance(model_id, str):
+        raise invalid("model must be a string", "model")
+    model = models.get(model_id)
+    if model is None:
+        raise model_not_found(model_id)
+
+    _check_messages(body.get("messages"))
+    temperature = body.get("temperature")
+    if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
+        raise invalid("temperature must be a number between 0 and 2", "temperature")
+    max_tokens = body.get("max_tokens")
+    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens > 0):
+        raise invalid("max_tokens must be a positive integer", "max_tokens")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise invalid("stream must be a boolean", "stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise invalid("stream_options must be an object", "stream_options")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise invalid(
+                "stream_options.include_usage must be a boolean", "stream_options.include_usage"
+            )
+    return ChatRequest(
+        body=body,
+        model=model,
+        stream=stream,
+        include_usage=include_usage and stream,
+        max_tokens=max_tokens,
+        prompt_estimate=estimate_prompt_tokens(body["messages"]),
+    )
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise invalid("you must provide a messages parameter", "messages")
+    if not isinstance(messages, list):
+        raise invalid("messages must be an array of message objects", "messages")
+    if not messages:
+        raise invalid("messages must contain at least one message", "messages")
+    for i, message in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(f"{param} must be an object with role and content", param)
+        role = message.get("role")
+        if role not in ROLES:
+            raise invalid(
+                f"{param}.role must be one of {', '.join(ROLES)} (got {_show(role)})",
+                f"{param}.role",
+            )
+        content = message.get("content")
+        if content is None:
+            if role == "assistant" and message.get("tool_calls"):
+                continue
+            raise invalid(f"{param}.content is required", f"{param}.content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not all(
+            isinstance(part, dict) and isinstance(part.get("type"), str) for part in content
+        ):
+            raise invalid(
+                f"{param}.content must be a string or an array of content parts",
+                f"{param}.content",
+            )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
