@@ -105,16 +105,23 @@ class ChunkRelay:
         return b"data: " + event + b"\n\n"
 
     def run(self, first: bytes | None) -> Iterator[bytes]:
-        outcome = "client_closed"  # unless the loop below says otherwise
+        """Relay events until the upstream ends; meter once, however it ends.
+
+        The record is written before the client sees the end of the stream, so a client
+        that reads its usage right after `[DONE]` finds it in the ledger.
+        """
         metrics.STREAMS.inc()
         try:
-            if first is not None:
-                yield first
+            data = first
             while True:
+                if self.saw_done:
+                    self.meter.finish(200, "ok")
+                if data is not None:
+                    yield data
                 try:
                     event = self.events.get(timeout=self.keepalive)
                 except queue.Empty:
-                    yield PING  # an idle upstream: a dead client shows up on this write
+                    data = PING  # an idle upstream: a dead client shows up on this write
                     continue
                 if isinstance(event, UpstreamEnded | UpstreamFailed):
                     break
@@ -123,21 +130,18 @@ class ChunkRelay:
                 except _BrokenChunk:
                     event = UpstreamFailed("broken chunk")
                     break
-                if self.saw_done:
-                    outcome = "ok"
-                if data is not None:
-                    yield data
-            if self.saw_done or (self.saw_finish and isinstance(event, UpstreamEnded)):
-                outcome = "ok"
-                if not self.saw_done:
-                    yield DONE
+            if self.saw_done:
+                return
+            if self.saw_finish and isinstance(event, UpstreamEnded):
+                self.meter.finish(200, "ok")  # complete, but the upstream sent no [DONE]
+                yield DONE
             else:
-                outcome = "upstream_failed"
+                self.meter.finish(200, "upstream_failed")
                 yield STREAM_FAILED
         finally:
             metrics.STREAMS.dec()
             self.events.close()
-            self.meter.finish(200, outcome)
+            self.meter.finish(200, "client_closed")  # a no-op unless the client left
 
     def close(self) -> None:
         """Backstop for a body that was never iterated: stop reading, meter once."""

@@ -1,0 +1,58 @@
+"""gunicorn settings for the gateway (gunicorn reads ./gunicorn.conf.py by itself).
+
+LLM streams last seconds to minutes, so workers are threaded (gthread): a stream holds
+a thread, not a process, and each yielded chunk goes straight to the socket. Heroku-style
+hosts set PORT and WEB_CONCURRENCY; both are honoured. Override anything on the command
+line (`gunicorn -c gunicorn.conf.py --threads 64 app:app`).
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+from keymeai.config import ConfigError, load_config
+
+try:
+    _config = load_config()
+except ConfigError as exc:
+    sys.exit(f"keymeai: {exc}")
+_memory_limits = _config.ratelimit.storage_uri.startswith("memory")
+
+bind = [f"0.0.0.0:{os.environ['PORT']}"] if os.environ.get("PORT") else ["127.0.0.1:8000"]
+# Memory limit storage is per process: one worker keeps the limits exact.
+workers = int(os.environ.get("WEB_CONCURRENCY") or (1 if _memory_limits else os.cpu_count() or 1))
+worker_class = "gthread"
+threads = int(os.environ.get("GUNICORN_THREADS", "256"))
+worker_connections = 2000
+keepalive = 5
+# SIGTERM: in-flight streams get this long to finish (Heroku kills at 30 s).
+graceful_timeout = 25
+timeout = 60
+max_requests = 20_000
+max_requests_jitter = 2_000
+accesslog = None
+errorlog = "-"
+
+
+def on_starting(server):
+    """Refuse a layout that would silently multiply the limits; set up shared metrics."""
+    if _memory_limits and server.cfg.workers > 1:
+        sys.exit(
+            f"keymeai: ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "
+            "were asked for: each worker would count limits separately. Set REDIS_URL (or "
+            "RATELIMIT_STORAGE_URI) to share limits, or run one worker (WEB_CONCURRENCY=1)."
+        )
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if directory:
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory, exist_ok=True)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keymeai-metrics-")
+
+
+def child_exit(server, worker):
+    """A dead worker's live gauges must not count any more."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

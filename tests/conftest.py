@@ -1,0 +1,116 @@
+"""Fixtures: a fake provider over real HTTP, the gateway over real HTTP, keys, clients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from openai import OpenAI
+
+from keymeai import create_app, db, keys
+from keymeai.config import Config, parse_config
+from tests.fake_upstream import FakeUpstream
+from tests.support import PROVIDER_ENV, Gunicorn, LiveServer, base_config, write_toml
+
+
+@pytest.fixture(scope="session")
+def fake() -> Iterator[FakeUpstream]:
+    """One fake provider server (DeepSeek, DashScope and Ark shapes) for the session."""
+    with FakeUpstream().start() as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(fake: FakeUpstream) -> FakeUpstream:
+    """The fake provider, with its request log and switches cleared for this test."""
+    fake.reset()
+    return fake
+
+
+@pytest.fixture
+def config_data(upstream: FakeUpstream, tmp_path: Path) -> dict[str, Any]:
+    """The gateway config as a dict; tests edit it before the gateway starts."""
+    return base_config(upstream.url, f"sqlite:///{tmp_path / 'ledger.db'}")
+
+
+def build_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
+    return parse_config(data, {**PROVIDER_ENV, **(env or {})})
+
+
+class Gateway:
+    """The gateway app served by Werkzeug in this process, with helpers."""
+
+    def __init__(self, server: LiveServer) -> None:
+        self.server = server
+        self.app = server.app
+        self.url = server.url
+
+    def create_key(self, tier: str = "standard", name: str = "test") -> str:
+        return keys.create_key(name, tier)[1]
+
+    def client(self, key: str, **options: Any) -> OpenAI:
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+
+
+@pytest.fixture
+def start_gateway(config_data: dict[str, Any]) -> Iterator[Callable[..., Gateway]]:
+    """Start the gateway on the (possibly edited) config; stopped after the test."""
+    servers: list[LiveServer] = []
+
+    def start(data: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Gateway:
+        app = create_app(build_config(data or config_data, env))
+        server = LiveServer(app).start()
+        servers.append(server)
+        return Gateway(server)
+
+    yield start
+    for server in servers:
+        server.stop()
+        server.app.extensions["keymeai"].router.close()
+
+
+@pytest.fixture
+def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    return start_gateway()
+
+
+@pytest.fixture
+def key(gateway: Gateway) -> str:
+    return gateway.create_key("standard")
+
+
+@pytest.fixture
+def client(gateway: Gateway, key: str) -> OpenAI:
+    return gateway.client(key)
+
+
+@pytest.fixture
+def ledger(config_data: dict[str, Any]) -> None:
+    """Open the config's ledger in this process (to create keys for a gunicorn server)."""
+    db.open_database(config_data["database"]["url"])
+    db.upgrade()
+
+
+@pytest.fixture
+def start_gunicorn(
+    config_data: dict[str, Any], tmp_path: Path
+) -> Iterator[Callable[..., Gunicorn]]:
+    """Start `gunicorn -c gunicorn.conf.py app:app` on the config; stopped after the test."""
+    started: list[Gunicorn] = []
+
+    def start(
+        data: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> Gunicorn:
+        n = len(started)
+        path = write_toml(data or config_data, tmp_path / f"gunicorn-{n}.toml")
+        server = Gunicorn(path, tmp_path / f"gunicorn-{n}.log", env, args).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

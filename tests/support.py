@@ -1,0 +1,232 @@
+"""Test plumbing: configs, and the gateway served by real HTTP servers.
+
+`LiveServer` runs the app in this process under Werkzeug's threaded server (fast to
+start, and the ledger can be inspected directly); `Gunicorn` runs `gunicorn -c
+gunicorn.conf.py app:app` as a subprocess, as the Procfile does, for tests where the
+production HTTP layer matters (streaming, disconnects, several workers).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+import tomli_w
+from werkzeug.serving import make_server
+
+from keymeai.db import connection
+from keymeai.ledger import UsageRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_KEY = "sk-fake-upstream"
+PROVIDER_ENV = {
+    "DEEPSEEK_API_KEY": UPSTREAM_KEY,
+    "DASHSCOPE_API_KEY": UPSTREAM_KEY,
+    "ARK_API_KEY": UPSTREAM_KEY,
+}
+PRICES = {
+    "deepseek-chat": {"input": 0.27, "cached_input": 0.07, "output": 1.10},
+    "deepseek-reasoner": {"input": 0.55, "cached_input": 0.14, "output": 2.19},
+    "doubao-pro-32k": {"input": 0.11, "cached_input": 0.022, "output": 0.28},
+    "qwen-max": {"input": 1.6, "cached_input": 0.64, "output": 6.4},
+    "qwen-plus": {"input": 0.4, "cached_input": 0.16, "output": 1.2},
+}
+
+
+def base_config(fake_url: str, database_url: str) -> dict[str, Any]:
+    """The five public models of config.toml, their providers pointed at the fake."""
+    return copy.deepcopy(
+        {
+            "gateway": {"key_cache_seconds": 1, "stream_keepalive_seconds": 10},
+            "database": {"url": database_url},
+            "ratelimit": {"storage_uri": "memory://"},
+            "routing": {"failure_threshold": 3, "cooldown_seconds": 30},
+            "tiers": {
+                "free": {"requests": ["100 per day"]},
+                "hobby": {"requests": ["600 per minute"], "tokens_per_month": 5_000_000},
+                "standard": {"requests": ["3000 per minute"]},
+                "scale": {"requests": ["10000 per minute"]},
+            },
+            "providers": {
+                "deepseek": {
+                    "base_url": f"{fake_url}/deepseek/ok/v1",
+                    "api_key_env": "DEEPSEEK_API_KEY",
+                    "connect_timeout": 2,
+                    "read_timeout": 10,
+                },
+                "dashscope": {
+                    "base_url": f"{fake_url}/dashscope/ok/compatible-mode/v1",
+                    "api_key_env": "DASHSCOPE_API_KEY",
+                    "connect_timeout": 2,
+                    "read_timeout": 10,
+                },
+                "ark": {
+                    "base_url": f"{fake_url}/ark/ok/api/v3",
+                    "api_key_env": "ARK_API_KEY",
+                    "connect_timeout": 2,
+                    "read_timeout": 10,
+                },
+            },
+            "models": {
+                "deepseek-chat": {
+                    "owned_by": "deepseek",
+                    "upstreams": [{"provider": "deepseek", "model": "deepseek-chat"}],
+                    "price": PRICES["deepseek-chat"],
+                },
+                "deepseek-reasoner": {
+                    "owned_by": "deepseek",
+                    "upstreams": [{"provider": "deepseek", "model": "deepseek-reasoner"}],
+                    "price": PRICES["deepseek-reasoner"],
+                },
+                "doubao-pro-32k": {
+                    "owned_by": "bytedance",
+                    "upstreams": [{"provider": "ark", "model": "doubao-pro-32k-241215"}],
+                    "price": PRICES["doubao-pro-32k"],
+                },
+                "qwen-max": {
+                    "owned_by": "alibaba",
+                    "upstreams": [{"provider": "dashscope", "model": "qwen-max"}],
+                    "price": PRICES["qwen-max"],
+                },
+                "qwen-plus": {
+                    "owned_by": "alibaba",
+                    "upstreams": [{"provider": "dashscope", "model": "qwen-plus"}],
+                    "price": PRICES["qwen-plus"],
+                },
+            },
+        }
+    )
+
+
+def add_provider(data: dict[str, Any], name: str, base_url: str, **options: Any) -> None:
+    """Add a provider (e.g. one in a fault mode of the fake) using the deepseek key."""
+    data["providers"][name] = {
+        "base_url": base_url,
+        "api_key_env": "DEEPSEEK_API_KEY",
+        "connect_timeout": 2,
+        "read_timeout": 10,
+        **options,
+    }
+
+
+def add_model(data: dict[str, Any], model_id: str, upstreams: list[tuple[str, str]]) -> None:
+    data["models"][model_id] = {
+        "upstreams": [{"provider": p, "model": m} for p, m in upstreams],
+        "price": PRICES["deepseek-chat"],
+    }
+
+
+def write_toml(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+def usage_records() -> list[UsageRecord]:
+    """Every usage record in the ledger, oldest first."""
+    with connection():
+        return list(UsageRecord.select().order_by(UsageRecord.id))
+
+
+def wait_for_records(count: int, timeout: float = 5.0) -> list[UsageRecord]:
+    """The ledger's records once there are at least `count` (or whatever is there)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = usage_records()
+        if len(records) >= count or time.monotonic() > deadline:
+            return records
+        time.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """The app under Werkzeug's threaded server, in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    def start(self) -> LiveServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class Gunicorn:
+    """`gunicorn -c gunicorn.conf.py app:app` in a subprocess, as the Procfile runs it."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            **PROVIDER_ENV,
+            "KEYMEAI_CONFIG": str(config_path),
+            "PORT": str(self.port),
+            **(env or {}),
+        }
+        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        self.args = args or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 20) -> Gunicorn:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *self.args, "app:app"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
