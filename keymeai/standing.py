@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
-import time
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify
@@ -49,11 +48,12 @@ def _request_limits() -> list[dict[str, Any]] | None:
     except StorageError as exc:
         log.warning("usage: rate limit storage unreachable: %s", type(exc.storage_error).__name__)
         return None
-    now = time.time()
+    now = utcnow()
+    not_started = {"resets_at": None, "resets_in_seconds": None}
     entries = []
     for item, (reset_epoch, remaining) in windows:
         used = item.amount - remaining
-        started = used > 0  # a window starts with its first request
+        reset = dt.datetime.fromtimestamp(reset_epoch, dt.UTC).replace(tzinfo=None)
         entries.append(
             {
                 "limit": str(item),
@@ -61,12 +61,8 @@ def _request_limits() -> list[dict[str, Any]] | None:
                 "window_seconds": item.get_expiry(),
                 "used": used,
                 "remaining": remaining,
-                "resets_at": _iso(
-                    dt.datetime.fromtimestamp(reset_epoch, dt.UTC).replace(tzinfo=None)
-                )
-                if started
-                else None,
-                "resets_in_seconds": max(0, math.ceil(reset_epoch - now)) if started else None,
+                # A window starts with its first request.
+                **(_reset(reset, now) if used else not_started),
             }
         )
     return entries
