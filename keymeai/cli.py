@@ -7,18 +7,22 @@ import datetime as dt
 import io
 import sys
 from collections.abc import Sequence
+from decimal import Decimal, InvalidOperation
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
 from . import db, gateway, keys, reports
+from .billing import UNITS_PER_USD
 from .config import ConfigError, validate_limits
 from .ledger import ApiKey, utcnow
+from .quota import format_usd
 
 keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")
 usage_cli = AppGroup("usage", help="Usage and cost reports.")
 db_cli = AppGroup("db", help="Ledger schema.")
+MAX_BIGINT = 2**63  # the ledger's BIGINT columns
 
 
 def init_app(app: Flask) -> None:
@@ -69,6 +73,8 @@ def list_keys() -> None:
         limits = row.request_limits or ""
         if row.tokens_per_month is not None:
             limits = f"{limits} {row.tokens_per_month} tokens/month".strip()
+        if row.spend_cap_units is not None:
+            limits = f"{limits} ${format_usd(row.spend_cap_units)}/month".strip()
         table.append(
             (
                 str(row.id),
@@ -101,6 +107,29 @@ def set_tier(key: str, tier: str) -> None:
     click.echo(f"Key {row.id} ({row.prefix}) is now on tier {row.tier}.")
 
 
+def _spend_cap(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """A USD amount as exact cost units (1e-10 USD): "25.00" -> 250_000_000_000."""
+    if value is None:
+        return None
+    try:
+        amount = Decimal(value.strip().removeprefix("$"))
+    except InvalidOperation:
+        raise click.BadParameter(f"{value!r} is not an amount in USD (e.g. 25.00)") from None
+    units = amount * UNITS_PER_USD if amount.is_finite() else Decimal(-1)
+    if not 0 < units < MAX_BIGINT:
+        raise click.BadParameter("must be a positive amount in USD (e.g. 25.00)")
+    if units != units.to_integral_value():
+        raise click.BadParameter("at most 10 decimal places")
+    return int(units)
+
+
+def _limits_text(row: ApiKey) -> str:
+    requests = row.request_limits or "from tier"
+    tokens = row.tokens_per_month if row.tokens_per_month is not None else "from tier"
+    cap = f"${format_usd(row.spend_cap_units)}" if row.spend_cap_units is not None else "none"
+    return f"requests {requests}, tokens/month {tokens}, spend cap/month {cap}"
+
+
 @keys_cli.command("set-limits")
 @click.argument("key")
 @click.option(
@@ -109,15 +138,29 @@ def set_tier(key: str, tier: str) -> None:
     multiple=True,
     help='A request limit such as "500 per minute" (repeatable). Overrides the tier.',
 )
-@click.option("--tokens-per-month", type=click.IntRange(min=1), help="Monthly token quota.")
-@click.option("--clear", is_flag=True, help="Drop the key's own limits: back to its tier's.")
+@click.option(
+    "--tokens-per-month",
+    type=click.IntRange(min=1, max=MAX_BIGINT - 1),
+    help="Monthly token quota (prompt + completion). Overrides the tier.",
+)
+@click.option(
+    "--spend-cap",
+    callback=_spend_cap,
+    metavar="USD",
+    help="Monthly spend cap in USD (e.g. 25.00): once reached, requests get 429.",
+)
+@click.option("--clear", is_flag=True, help="Drop the key's own limits and spend cap.")
 def set_limits(
-    key: str, request_limits: tuple[str, ...], tokens_per_month: int | None, clear: bool
+    key: str,
+    request_limits: tuple[str, ...],
+    tokens_per_month: int | None,
+    spend_cap: int | None,
+    clear: bool,
 ) -> None:
-    """Give KEY its own limits (the Scale tier's custom limits)."""
+    """Give KEY its own limits (the Scale tier's custom limits) or a spend cap."""
     row = _key(key)
     if clear:
-        row = keys.update_key(row, request_limits=None, tokens_per_month=None)
+        row = keys.update_key(row, request_limits=None, tokens_per_month=None, spend_cap_units=None)
     else:
         changes: dict[str, object] = {}
         if request_limits:
@@ -128,13 +171,12 @@ def set_limits(
                 raise click.BadParameter(str(exc)) from None
         if tokens_per_month is not None:
             changes["tokens_per_month"] = tokens_per_month
+        if spend_cap is not None:
+            changes["spend_cap_units"] = spend_cap
         if not changes:
-            raise click.UsageError("give --requests, --tokens-per-month or --clear")
+            raise click.UsageError("give --requests, --tokens-per-month, --spend-cap or --clear")
         row = keys.update_key(row, **changes)
-    click.echo(
-        f"Key {row.id} ({row.prefix}): requests {row.request_limits or 'from tier'}, "
-        f"tokens/month {row.tokens_per_month if row.tokens_per_month is not None else 'from tier'}."
-    )
+    click.echo(f"Key {row.id} ({row.prefix}): {_limits_text(row)}.")
 
 
 @usage_cli.command("report")

@@ -3,24 +3,105 @@
 The identity is the API key (never the IP), so the limit is checked as a route limit,
 after the blueprint's authentication hook has put the key on `g`. Each key gets its
 tier's `requests` strings, or its own (the Scale tier's per-key overrides). Storage is
-`memory://` for one process, Redis for several; when Redis is down the gateway lets
-requests through or refuses them with 503, as `ratelimit.on_storage_error` says.
+`memory://` for one process, Redis for several. When Redis is unreachable,
+`ratelimit.on_storage_error` decides: "allow" counts in each process's memory until
+Redis answers again (Flask-Limiter's in-memory fallback), "deny" answers 503.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
 import time
+from typing import Any
 
 from flask import Flask, Response, g, request
 from flask_limiter import Limiter, RateLimitExceeded
+from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
+from limits.storage import RedisStorage, Storage
+from limits.strategies import STRATEGIES, FixedWindowRateLimiter
+from limits.util import WindowStats
 
 from . import metrics
-from .config import Config
+from .config import Config, Tier
 from .errors import ApiError
+from .keys import KeyInfo
+
+log = logging.getLogger(__name__)
 
 CHAT_ENDPOINT = "api.chat_completions"
+STRATEGY = "keymeai-fixed-window"
+# Redis answers in well under a millisecond; a Redis that stops answering must not hold
+# requests (or threads) for long. Errors are raised as limits' StorageError.
+REDIS_OPTIONS: dict[str, Any] = {
+    "socket_timeout": 1,
+    "socket_connect_timeout": 1,
+    "wrap_exceptions": True,
+}
+# limits' own fixed-window script (INCRBY, EXPIRE on the window's first hit) that also
+# returns the window's remaining time, so one round trip yields what the headers need.
+_INCR_EXPIRE_PTTL = b"""
+local current = redis.call("incrby", KEYS[1], ARGV[2])
+if tonumber(current) == tonumber(ARGV[2]) then
+    redis.call("expire", KEYS[1], ARGV[1])
+end
+return {current, redis.call("pttl", KEYS[1])}
+"""
+
+
+class CountingFixedWindow(FixedWindowRateLimiter):
+    """limits' fixed window, keeping each hit's count and reset time for the headers.
+
+    Flask-Limiter reads the header values with `get_window_stats` after the hit: on
+    Redis a GET and a TTL, two more round trips on every request. Here the hit returns
+    them and they are kept for the request. In memory the count is read under the same
+    lock as the increment: limits' MemoryStorage reads it after releasing its lock, so
+    two threads taking the last slot together could both be refused.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        super().__init__(storage)
+        self._lock = threading.Lock()
+        self._script = (
+            storage.get_connection().register_script(_INCR_EXPIRE_PTTL)
+            if isinstance(storage, RedisStorage)
+            else None
+        )
+
+    def hit(self, item: RateLimitItem, *identifiers: str, cost: int = 1) -> bool:
+        key = item.key_for(*identifiers)
+        count, reset_at = self._increment(key, item.get_expiry(), cost)
+        g.setdefault("ratelimit_windows", {})[key] = WindowStats(
+            reset_at, max(0, item.amount - count)
+        )
+        return count <= item.amount
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        windows: dict[str, WindowStats] = g.get("ratelimit_windows", {})
+        stats = windows.get(item.key_for(*identifiers))
+        return stats if stats is not None else super().get_window_stats(item, *identifiers)
+
+    def _increment(self, key: str, expiry: int, cost: int) -> tuple[int, float]:
+        """The window's count after adding `cost`, and when the window ends (epoch)."""
+        if self._script is None:
+            with self._lock:
+                return self.storage.incr(key, expiry, cost), self.storage.get_expiry(key)
+        storage: Any = self.storage
+        try:
+            count, ttl_ms = self._script([storage.prefixed_key(key)], [expiry, cost])
+        except storage.base_exceptions as exc:
+            raise StorageError(exc) from exc
+        return int(count), time.time() + max(int(ttl_ms), 0) / 1000
+
+
+STRATEGIES[STRATEGY] = CountingFixedWindow
+
+
+def limits_in_force(key: KeyInfo, tier: Tier) -> tuple[str, ...]:
+    """The key's own request limits (Scale), else its tier's."""
+    return key.request_limits or tier.requests
 
 
 def limit_key() -> str:
@@ -29,8 +110,19 @@ def limit_key() -> str:
 
 def request_limits() -> str:
     """The current key's limits, as one Flask-Limiter string ("a;b")."""
-    key = g.api_key
-    return ";".join(key.request_limits or g.tier.requests)
+    return ";".join(limits_in_force(g.api_key, g.tier))
+
+
+def current_windows(limiter: Limiter) -> list[tuple[RateLimitItem, WindowStats]]:
+    """The current key's request limits and their windows, without counting a request.
+
+    The storage key is built as Flask-Limiter builds it for the chat route's limit: the
+    key identity, then the endpoint as scope.
+    """
+    items = parse_many(request_limits()) if limits_in_force(g.api_key, g.tier) else []
+    return [
+        (item, limiter.limiter.get_window_stats(item, limit_key(), CHAT_ENDPOINT)) for item in items
+    ]
 
 
 def format_duration(seconds: float) -> str:
@@ -47,19 +139,26 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def retry_after(reset_at: float, now: float) -> int:
+    """Whole seconds until `reset_at` (epoch), rounded up, at least 1."""
+    return max(1, math.ceil(reset_at - now))
+
+
 def init_app(app: Flask, config: Config) -> Limiter:
     """Attach a Flask-Limiter to the app and put the per-key limit on the chat route."""
+    settings = config.ratelimit
+    fail_open = settings.on_storage_error == "allow"
     limiter = Limiter(
         key_func=limit_key,
-        storage_uri=config.ratelimit.storage_uri,
-        storage_options={"socket_timeout": 2, "socket_connect_timeout": 2}
-        if config.ratelimit.storage_uri.startswith("redis")
-        else {},
-        strategy="fixed-window",
+        storage_uri=settings.storage_uri,
+        storage_options={} if settings.storage_uri.startswith("memory") else REDIS_OPTIONS,
+        strategy=STRATEGY,
         headers_enabled=False,  # OpenAI's header names are added below
-        swallow_errors=config.ratelimit.on_storage_error == "allow",
+        in_memory_fallback_enabled=fail_open,
+        swallow_errors=fail_open,
         default_limits=[],
     )
+    limiter.logger = log  # its storage warnings go out as the gateway's JSON log lines
     limiter.init_app(app)
     limited = limiter.limit(request_limits, key_func=limit_key)
     app.view_functions[CHAT_ENDPOINT] = limited(app.view_functions[CHAT_ENDPOINT])  # type: ignore[assignment]
@@ -68,7 +167,7 @@ def init_app(app: Flask, config: Config) -> Limiter:
     def rate_limited(exc: RateLimitExceeded) -> Response:
         metrics.REJECTIONS.labels("requests").inc()
         current = limiter.current_limit
-        retry = max(1, math.ceil(current.reset_at - time.time())) if current else 1
+        retry = retry_after(current.window.reset_time, time.time()) if current else 1
         return ApiError(
             429,
             f"Rate limit reached for requests: {exc.description} for this key. "
@@ -80,6 +179,11 @@ def init_app(app: Flask, config: Config) -> Limiter:
 
     @app.errorhandler(StorageError)
     def storage_down(exc: StorageError) -> Response:
+        log.warning(
+            "rate limit storage unreachable, request refused: %s",
+            type(exc.storage_error).__name__,
+            extra={"request_id": g.get("request_id")},
+        )
         return ApiError(
             503,
             "Rate limiting is temporarily unavailable. Please retry shortly.",
@@ -94,11 +198,10 @@ def init_app(app: Flask, config: Config) -> Limiter:
             return response
         current = limiter.current_limit
         if current is not None:
+            reset_at, remaining = current.window  # kept from the hit: no storage call
             response.headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
-            response.headers["x-ratelimit-remaining-requests"] = str(max(0, current.remaining))
-            response.headers["x-ratelimit-reset-requests"] = format_duration(
-                current.reset_at - time.time()
-            )
+            response.headers["x-ratelimit-remaining-requests"] = str(remaining)
+            response.headers["x-ratelimit-reset-requests"] = format_duration(reset_at - time.time())
         quota = g.get("quota")
         if quota is not None:
             response.headers.update(quota.headers())

@@ -114,3 +114,33 @@ def start_gunicorn(
     yield start
     for server in started:
         server.stop()
+
+
+REDIS_TEST_DBS = range(1, 6)  # the Redis databases tests may use (and flush)
+
+
+@pytest.fixture
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """A flushed database of the local Redis: `redis://127.0.0.1:6379/<db>`.
+
+    The database is 1 unless the test says `@pytest.mark.redis(db=N)` (N in 1..5). When
+    Redis is unreachable the test is skipped, or fails if KEYMEAI_REQUIRE_SERVICES=1.
+    """
+    import os
+
+    import redis
+
+    marker = request.node.get_closest_marker("redis")
+    number = marker.kwargs.get("db", 1) if marker else 1
+    assert number in REDIS_TEST_DBS, f"tests use Redis databases 1-5, not {number}"
+    url = f"redis://127.0.0.1:6379/{number}"
+    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.flushdb()
+    except redis.RedisError as exc:
+        if os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"Redis at {url} is required (KEYMEAI_REQUIRE_SERVICES=1): {exc}")
+        pytest.skip(f"Redis at {url} is unreachable: {exc}")
+    finally:
+        client.close()
+    return url

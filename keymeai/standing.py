@@ -1,0 +1,113 @@
+"""`GET /v1/usage`: a key's own standing, for the customer holding it.
+
+What the response headers tell after each request, asked for at any time and in one
+place: the tier, this month's requests, tokens and cost from the ledger, and every limit
+in force with what is left of it and when it resets. Reading it costs no request of the
+limit (it is not rate-limited) and shows nothing of any other key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify
+from limits.errors import StorageError
+
+from . import gateway
+from .api import require_key
+from .db import connection
+from .ledger import utcnow
+from .limits import current_windows
+from .quota import format_usd, month_bounds, month_usage, token_quota
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("standing", __name__, url_prefix="/v1")
+bp.before_request(require_key)
+
+
+def _iso(moment: dt.datetime) -> str:
+    """ISO 8601 in UTC with a Z, to the second."""
+    return moment.replace(microsecond=0).isoformat() + "Z"
+
+
+def _reset(resets_at: dt.datetime, now: dt.datetime) -> dict[str, Any]:
+    return {
+        "resets_at": _iso(resets_at),
+        "resets_in_seconds": max(0, math.ceil((resets_at - now).total_seconds())),
+    }
+
+
+def _request_limits() -> list[dict[str, Any]] | None:
+    """Each request limit's window; None when the limiter storage cannot be read."""
+    try:
+        windows = current_windows(gateway.current().limiter)
+    except StorageError as exc:
+        log.warning("usage: rate limit storage unreachable: %s", type(exc.storage_error).__name__)
+        return None
+    now = utcnow()
+    not_started = {"resets_at": None, "resets_in_seconds": None}
+    entries = []
+    for item, (reset_epoch, remaining) in windows:
+        used = item.amount - remaining
+        reset = dt.datetime.fromtimestamp(reset_epoch, dt.UTC).replace(tzinfo=None)
+        entries.append(
+            {
+                "limit": str(item),
+                "max_requests": item.amount,
+                "window_seconds": item.get_expiry(),
+                "used": used,
+                "remaining": remaining,
+                # A window starts with its first request.
+                **(_reset(reset, now) if used else not_started),
+            }
+        )
+    return entries
+
+
+@bp.get("/usage")
+def usage() -> Response:
+    key, tier = g.api_key, g.tier
+    now = utcnow()
+    start, end = month_bounds(now)
+    with connection():
+        month = month_usage(key.id, now)
+    tokens = token_quota(key, tier)
+    cap = key.spend_cap_units
+    body = {
+        "object": "usage",
+        "key": {"id": key.id, "prefix": key.prefix, "name": key.name},
+        "tier": tier.name,
+        "period": {"start": _iso(start), "end": _iso(end), **_reset(end, now)},
+        "usage": {
+            "requests": month.requests,
+            "prompt_tokens": month.prompt_tokens,
+            "completion_tokens": month.completion_tokens,
+            "total_tokens": month.total_tokens,
+            "cost": format_usd(month.cost_units),
+        },
+        "limits": {
+            "requests": _request_limits(),
+            "tokens": None
+            if tokens is None
+            else {
+                "limit": tokens,
+                "used": month.total_tokens,
+                "in_flight": month.reserved_tokens,
+                "remaining": max(0, tokens - month.total_tokens - month.reserved_tokens),
+                **_reset(end, now),
+            },
+            "spend": None
+            if cap is None
+            else {
+                "limit": format_usd(cap),
+                "used": format_usd(month.cost_units),
+                "remaining": format_usd(max(0, cap - month.cost_units)),
+                **_reset(end, now),
+            },
+        },
+    }
+    return jsonify(body)
