@@ -162,7 +162,6 @@ class Router:
 
     def __init__(self, config: Config) -> None:
         self.providers = config.providers
-        self.keepalive = config.gateway.stream_keepalive_seconds
         self.sessions = {name: _session(p) for name, p in config.providers.items()}
         self.breakers = {
             (u.provider, u.model): Breaker(

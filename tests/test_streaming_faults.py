@@ -92,6 +92,21 @@ def test_stream_fails_over_before_its_first_event(
     assert not record.estimated
 
 
+def test_stream_silent_after_its_headers_fails_over_at_read_timeout(
+    route: Callable[..., Routed], upstream: FakeUpstream
+) -> None:
+    """Ark sends its headers, then nothing for longer than read_timeout: no event has
+    reached the client yet, so the next upstream (DeepSeek, which keeps its queued
+    request alive with comments) still gets the request."""
+    routed = route("ark/ok", "deepseek/ok")
+    got = stream(routed.client, extra_body={"fake": {"first_delay": 1.0}})
+    assert got.error is None and got.text == "Echo: hello there"
+    assert 1.45 <= got.elapsed < 3  # 0.5 s read_timeout on Ark, then DeepSeek's 1 s queue
+    assert [r.shape for r in upstream.requests] == ["ark", "deepseek"]
+    [record] = usage_records()
+    assert (record.provider, record.attempts, record.outcome) == (routed.providers[1], 2, "ok")
+
+
 def test_stream_nobody_can_serve_is_503_before_any_byte(
     route: Callable[..., Routed], upstream: FakeUpstream
 ) -> None:
@@ -322,3 +337,16 @@ def test_gunicorn_hanging_upstream_fails_over_within_read_timeout(
     server.stop()
     assert "ReadTimeout" in server.log()
     assert_no_secrets(server.log(), upstream.url, key)
+
+
+def test_estimate_does_not_depend_on_how_the_text_was_split(route: Callable[..., Routed]) -> None:
+    """ "w1 w2 ... w10" is 30 characters, 9.0 tokens, in one body or in ten chunks
+    (summed as floats, ten chunks of 0.3 x 3 came to 9.000000000000002: 10 tokens)."""
+    routed = route("ark/nousage")
+    knobs = {"extra_body": {"fake": {"words": 10}}}
+    got = stream(routed.client, **knobs)
+    assert got.text == " ".join(f"w{i}" for i in range(1, 11))
+    routed.client.chat.completions.create(model=ROUTED_MODEL, messages=MESSAGES, **knobs)
+    streamed, whole = usage_records()
+    assert streamed.estimated and whole.estimated
+    assert streamed.completion_tokens == whole.completion_tokens == 9
