@@ -14,8 +14,10 @@ from typing import Any
 import openai
 import pytest
 
+from keymeai.config import Provider
 from keymeai.db import connection
 from keymeai.ledger import UsageDaily, UsageRecord
+from keymeai.upstream import _scrub
 from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,
@@ -248,3 +250,18 @@ def test_no_upstream_can_serve_gives_503_naming_no_provider(
     assert record.provider == routed.providers[2]
     assert_unbilled(record, 503, "unavailable", attempts=3)
     assert_no_secrets(error.response.text + log_text(gateway_logs), upstream.url, routed.key)
+
+
+def test_upstream_message_for_the_client_is_scrubbed_of_provider_secrets() -> None:
+    """Should a provider echo its URL or our key in a 400, the client never sees them."""
+    provider = Provider(
+        name="p",
+        base_url="https://llm.example.com/v1",
+        api_key_env="P_KEY",
+        connect_timeout=1,
+        read_timeout=1,
+        max_connections=1,
+        api_key="sk-secret",
+    )
+    message = "bad key sk-secret for https://llm.example.com/v1/chat (llm.example.com)"
+    assert _scrub(message, provider) == "bad key [redacted] for [redacted]/chat ([redacted])"

@@ -47,12 +47,14 @@ class Streamed:
     usage: Any = None
 
 
-def stream(client: openai.OpenAI, messages: Any = MESSAGES, **extra: Any) -> Streamed:
+def stream(
+    client: openai.OpenAI, messages: Any = MESSAGES, model: str = ROUTED_MODEL, **extra: Any
+) -> Streamed:
     result = Streamed()
     started = time.monotonic()
     try:
         for chunk in client.chat.completions.create(
-            model=ROUTED_MODEL, messages=messages, stream=True, **extra
+            model=model, messages=messages, stream=True, **extra
         ):
             result.arrivals.append(time.monotonic() - started)
             result.usage = chunk.usage or result.usage
@@ -278,13 +280,15 @@ def test_stream_without_usage_is_estimated_by_the_character_rule(
     assert record.estimated and record.outcome == "ok"
 
 
-def gunicorn_case(
+def gunicorn_gateway(
     config_data: dict[str, Any],
     upstream: FakeUpstream,
     start_gunicorn: Callable[..., Any],
-    mode: str,
+    routes: dict[str, str],
 ) -> tuple[Any, openai.OpenAI, str]:
-    add_route(config_data, upstream.url, ROUTED_MODEL, [mode, "ok"], **FAST_TIMEOUTS)
+    """gunicorn serving one model per fault mode (`{model: mode}`), each failing over to ok."""
+    for model, mode in routes.items():
+        add_route(config_data, upstream.url, model, [mode, "ok"], **FAST_TIMEOUTS)
     server = start_gunicorn()
     key = keys.create_key("gunicorn", "standard")[1]
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=15)
@@ -292,48 +296,42 @@ def gunicorn_case(
 
 
 @pytest.mark.usefixtures("ledger")
-@pytest.mark.parametrize(
-    ("mode", "text", "completion_tokens"),
-    [("ark/die", "w1 w2 ", 2), ("ark/hang-after-headers", "", 0)],
-)
-def test_gunicorn_upstream_dies_or_stalls_mid_stream(
-    config_data: dict[str, Any],
-    upstream: FakeUpstream,
-    start_gunicorn: Callable[..., Any],
-    mode: str,
-    text: str,
-    completion_tokens: int,
+def test_gunicorn_upstream_dying_or_stalling_mid_stream(
+    config_data: dict[str, Any], upstream: FakeUpstream, start_gunicorn: Callable[..., Any]
 ) -> None:
-    server, client, key = gunicorn_case(config_data, upstream, start_gunicorn, mode)
-    got = stream(client, extra_body={"fake": {"words": 8}})
-    assert got.text == text
-    assert got.elapsed < 2.5
-    [record] = wait_for_records(1)
-    assert_cut_short(got, record, completion_tokens)
+    routes = {"dies": "ark/die", "stalls": "ark/hang-after-headers"}
+    server, client, key = gunicorn_gateway(config_data, upstream, start_gunicorn, routes)
+    died = stream(client, model="dies", extra_body={"fake": {"words": 8}})
+    assert died.text == "w1 w2 " and died.elapsed < 1.5
+    stalled = stream(client, model="stalls")
+    assert stalled.text == "" and 0.45 <= stalled.elapsed < 2.5
+    died_record, stalled_record = wait_for_records(2)
+    assert_cut_short(died, died_record, completion_tokens=2)
+    assert_cut_short(stalled, stalled_record, completion_tokens=0)
     assert upstream.count(mode="ok") == 0
     server.stop()
     assert_no_secrets(server.log(), upstream.url, key)
 
 
 @pytest.mark.usefixtures("ledger")
-@pytest.mark.parametrize("streamed", [False, True])
 def test_gunicorn_hanging_upstream_fails_over_within_read_timeout(
-    config_data: dict[str, Any],
-    upstream: FakeUpstream,
-    start_gunicorn: Callable[..., Any],
-    streamed: bool,
+    config_data: dict[str, Any], upstream: FakeUpstream, start_gunicorn: Callable[..., Any]
 ) -> None:
-    server, client, key = gunicorn_case(config_data, upstream, start_gunicorn, "hang")
+    server, client, key = gunicorn_gateway(
+        config_data, upstream, start_gunicorn, {ROUTED_MODEL: "hang"}
+    )
     started = time.monotonic()
-    if streamed:
-        got = stream(client)
-        assert got.error is None and got.text == "Echo: hello there"
-    else:
-        completion = client.chat.completions.create(model=ROUTED_MODEL, messages=MESSAGES)
-        assert completion.choices[0].message.content == "Echo: hello there"
+    completion = client.chat.completions.create(model=ROUTED_MODEL, messages=MESSAGES)
+    assert completion.choices[0].message.content == "Echo: hello there"
     assert 0.45 <= time.monotonic() - started < 2.5
-    [record] = wait_for_records(1)
-    assert (record.attempts, record.outcome, record.estimated) == (2, "ok", False)
+    got = stream(client)
+    assert got.error is None and got.text == "Echo: hello there"
+    assert 0.45 <= got.elapsed < 2.5
+    records = wait_for_records(2)
+    assert [(r.stream, r.attempts, r.outcome, r.estimated) for r in records] == [
+        (False, 2, "ok", False),
+        (True, 2, "ok", False),
+    ]
     server.stop()
     assert "ReadTimeout" in server.log()
     assert_no_secrets(server.log(), upstream.url, key)
