@@ -100,10 +100,10 @@ def test_stream_silent_after_its_headers_fails_over_at_read_timeout(
     """Ark sends its headers, then nothing for longer than read_timeout: no event has
     reached the client yet, so the next upstream (DeepSeek, which keeps its queued
     request alive with comments) still gets the request."""
-    routed = route("ark/ok", "deepseek/ok")
+    routed = route("ark/ok", "deepseek/ok", read_timeout=0.6)
     got = stream(routed.client, extra_body={"fake": {"first_delay": 1.0}})
     assert got.error is None and got.text == "Echo: hello there"
-    assert 1.45 <= got.elapsed < 3  # 0.5 s read_timeout on Ark, then DeepSeek's 1 s queue
+    assert 1.55 <= got.elapsed < 3.5  # 0.6 s read_timeout on Ark, then DeepSeek's 1 s queue
     assert [r.shape for r in upstream.requests] == ["ark", "deepseek"]
     [record] = usage_records()
     assert (record.provider, record.attempts, record.outcome) == (routed.providers[1], 2, "ok")
@@ -187,16 +187,16 @@ def test_upstream_hanging_after_its_first_event_is_cut_at_read_timeout(
 def test_chunks_slower_than_read_timeout_cut_the_stream(
     route: Callable[..., Routed], upstream: FakeUpstream
 ) -> None:
-    routed = route("ark/slow", read_timeout=0.3)  # the fake waits 0.5 s between chunks
-    got = stream(routed.client)
+    routed = route("ark/slow", read_timeout=0.6)
+    got = stream(routed.client, extra_body={"fake": {"interval": 2.0}})
     assert got.text == "" and len(got.arrivals) == 1
-    assert 0.25 <= got.elapsed < 1.5
+    assert 0.55 <= got.elapsed < 1.9  # cut at read_timeout, not after the 2 s gap
     [record] = usage_records()
     assert_cut_short(got, record, completion_tokens=0)
 
 
 def test_chunks_within_read_timeout_flow_one_by_one(route: Callable[..., Routed]) -> None:
-    routed = route("ark/slow", read_timeout=0.5)
+    routed = route("ark/slow", read_timeout=1.0)
     got = stream(routed.client, extra_body={"fake": {"interval": 0.2, "words": 3}})
     assert got.error is None and got.text == "w1 w2 w3"
     # 5 chunks 0.2 s apart reach the client as they come, not in one piece at the end.
@@ -209,7 +209,7 @@ def test_keep_alives_of_a_queued_request_hold_off_read_timeout(
     route: Callable[..., Routed],
 ) -> None:
     """DeepSeek sends `: keep-alive` while a request is queued: that is not a hang."""
-    routed = route("deepseek/ok", read_timeout=0.5)
+    routed = route("deepseek/ok", read_timeout=0.8)  # comments come every 0.2 s
     got = stream(routed.client, extra_body={"fake": {"first_delay": 1.2}})
     assert got.error is None and got.text == "Echo: hello there"
     assert got.elapsed >= 1.2
