@@ -12,7 +12,6 @@ died, an error.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from typing import Any
@@ -25,7 +24,7 @@ from .config import Upstream
 from .db import connection, write_transaction
 from .keys import KeyInfo
 from .ledger import QuotaReservation, UsageDaily, UsageRecord, utcnow
-from .tokens import delta_text, estimate_text
+from .tokens import delta_text, estimate_tenths, tokens
 from .validation import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ class Meter:
         self.upstream: Upstream | None = None
         self.attempts = 0
         self.usage: Usage | None = None
-        self.output_estimate = 0.0
+        self.output_tenths = 0  # estimated tokens relayed so far, in tenths
         self.reservation_id: int | None = None
         self._finished = False
         self._lock = threading.Lock()
@@ -86,8 +85,7 @@ class Meter:
         for choice in obj.get("choices") or ():
             if isinstance(choice, dict):
                 text = delta_text(choice.get("delta") or choice.get("message"))
-                if text:
-                    self.output_estimate += estimate_text(text)
+                self.output_tenths += estimate_tenths(text)
 
     def billable_usage(self, outcome: str) -> Usage:
         if outcome not in DELIVERED:
@@ -96,7 +94,7 @@ class Meter:
             return self.usage
         return Usage(
             prompt=self.chat.prompt_estimate,
-            completion=math.ceil(self.output_estimate),
+            completion=tokens(self.output_tenths),
             estimated=True,
         )
 

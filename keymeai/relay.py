@@ -9,6 +9,7 @@ re-serialised only when the usage the client did not ask for must be taken out.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +25,7 @@ from .validation import ChatRequest
 
 PING = b": ping\n\n"
 DONE = b"data: [DONE]\n\n"
+DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
 # What a client sees when the upstream dies mid-stream: OpenAI's error shape, which the
 # openai SDK raises as an APIError.
 STREAM_FAILED = (
@@ -51,11 +53,12 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> 
         meter.observe(opened.completion)
         meter.finish(200, "ok")
         return Response(opened.raw_body, mimetype="application/json")
-    stream = ChunkRelay(opened.events, chat, meter, keepalive)
+    stream = ChunkRelay(opened, chat, meter, keepalive)
     try:
         first = stream.frame(opened.first_event)
     except _BrokenChunk as exc:
         opened.events.close()
+        opened.attempt.failed("gave an invalid response", str(exc), logging.ERROR)
         meter.finish(500, "upstream_error")
         raise UpstreamModelError(str(exc)) from None
     response = Response(stream.run(first), mimetype="text/event-stream")
@@ -66,10 +69,13 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> 
 
 
 class ChunkRelay:
-    """Frames upstream events for the client and meters them."""
+    """Frames upstream events for the client, meters them, and reports how the stream
+    ended to the upstream's breaker."""
 
-    def __init__(self, events: EventReader, chat: ChatRequest, meter: Meter, keepalive: float):
-        self.events = events
+    def __init__(self, opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float):
+        assert opened.events is not None
+        self.events: EventReader = opened.events
+        self.attempt = opened.attempt
         self.chat = chat
         self.meter = meter
         self.keepalive = keepalive
@@ -112,38 +118,44 @@ class ChunkRelay:
         """
         metrics.STREAMS.inc()
         try:
-            data = first
-            while True:
-                if self.saw_done:
-                    self.meter.finish(200, "ok")
+            data, end = first, None
+            while not self.saw_done:
                 if data is not None:
                     yield data
-                try:
-                    event = self.events.get(timeout=self.keepalive)
-                except queue.Empty:
-                    data = PING  # an idle upstream: a dead client shows up on this write
-                    continue
-                if isinstance(event, UpstreamEnded | UpstreamFailed):
-                    break
-                try:
-                    data = self.frame(event)
-                except _BrokenChunk:
-                    event = UpstreamFailed("broken chunk")
+                data, end = self._next()
+                if end is not None:
                     break
             if self.saw_done:
-                return
-            if self.saw_finish and isinstance(event, UpstreamEnded):
-                self.meter.finish(200, "ok")  # complete, but the upstream sent no [DONE]
+                self.events.wait_end(DONE_GRACE)  # so its connection goes back to the pool
+            if self.saw_done or (self.saw_finish and isinstance(end, UpstreamEnded)):
+                self.meter.finish(200, "ok")  # [DONE] is added if the upstream left it out
+                self.attempt.succeeded()
                 yield DONE
             else:
+                reason = end.reason if isinstance(end, UpstreamFailed) else "ended unfinished"
                 self.meter.finish(200, "upstream_failed")
+                self.attempt.failed("failed mid-stream", reason)
                 yield STREAM_FAILED
         finally:
             metrics.STREAMS.dec()
-            self.events.close()
-            self.meter.finish(200, "client_closed")  # a no-op unless the client left
+            self.close()
+
+    def _next(self) -> tuple[bytes | None, UpstreamEnded | UpstreamFailed | None]:
+        """The bytes to send next, or how the upstream's stream ended."""
+        try:
+            event = self.events.get(timeout=self.keepalive)
+        except queue.Empty:
+            return PING, None  # an idle upstream: a dead client shows up on this write
+        if isinstance(event, UpstreamEnded | UpstreamFailed):
+            return None, event
+        try:
+            return self.frame(event), None
+        except _BrokenChunk as exc:
+            return None, UpstreamFailed(str(exc))
 
     def close(self) -> None:
-        """Backstop for a body that was never iterated: stop reading, meter once."""
+        """Stop reading and meter once: the end of every stream, and the backstop for a
+        body that was never iterated or a client that left (the upstream was serving)."""
         self.events.close()
-        self.meter.finish(200, "client_closed")
+        self.meter.finish(200, "client_closed")  # a no-op unless the client left
+        self.attempt.succeeded()  # likewise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from dataclasses import dataclass
 
 import requests
@@ -95,7 +96,7 @@ class EventReader:
                 put(event)
             put(UpstreamEnded())
         except Exception as exc:  # noqa: BLE001 - any failure ends the stream the same way
-            put(UpstreamFailed(type(exc).__name__))
+            put(UpstreamFailed(describe_error(exc)))
         finally:
             self._response.close()
 
@@ -103,9 +104,39 @@ class EventReader:
         """The next event; raises queue.Empty if none came within `timeout` seconds."""
         return self._queue.get(timeout=timeout)
 
+    def wait_end(self, timeout: float) -> None:
+        """Let the upstream finish its response after `[DONE]`, within `timeout` seconds.
+
+        A response read to its end returns its connection to the keep-alive pool before
+        the reader reports the end, so the next request can reuse it.
+        """
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                if isinstance(self._queue.get(timeout=left), UpstreamEnded | UpstreamFailed):
+                    return
+            except queue.Empty:
+                return
+
     def close(self) -> None:
         """Stop reading: wakes the reader thread if it is blocked on the socket."""
         if self._thread.is_alive():
             # Errors mean the reader closed the response itself meanwhile.
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 self._response.raw.shutdown()
+
+
+def describe_error(exc: BaseException) -> str:
+    """The class names of an error and of what it wraps: "ConnectionError: ReadTimeoutError".
+
+    Never the messages: requests and urllib3 put the provider's URL in them.
+    """
+    names: list[str] = []
+    error: BaseException | None = exc
+    while error is not None and len(names) < 4:
+        names.append(type(error).__name__)
+        inner = getattr(error, "reason", None)  # urllib3's MaxRetryError
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in error.args if isinstance(a, BaseException)), None)
+        error = inner
+    return ": ".join(names)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
+from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -25,10 +27,13 @@ from requests.adapters import HTTPAdapter
 from .config import Config, Provider, Upstream
 from .errors import ApiError, invalid
 from .metering import Meter
-from .sse import EventReader, UpstreamEnded, UpstreamFailed
+from .sse import EventReader, UpstreamEnded, UpstreamFailed, describe_error
 from .validation import ChatRequest
 
 log = logging.getLogger(__name__)
+# urllib3's warnings ("Connection pool is full, discarding connection: <host>", header
+# parse failures with the URL) name the provider; the gateway logs upstream faults itself.
+logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 MAX_ERROR_BODY = 64 * 1024
 USER_AGENT = "keymeai-gateway/1.0"
@@ -53,45 +58,81 @@ class _Unavailable(Exception):
 
 
 @dataclass
-class Opened:
-    """An upstream that accepted the request: non-stream with its body read and
-    checked, or a stream whose first event has arrived."""
-
-    upstream: Upstream
-    completion: dict[str, Any] | None = None  # non-stream: the parsed body
-    raw_body: bytes = b""
-    events: EventReader | None = None  # stream: the rest of the events
-    first_event: bytes | None = None
-
-
-@dataclass
 class Breaker:
-    """Consecutive-failure circuit breaker for one upstream, shared by a worker's threads."""
+    """Consecutive-failure circuit breaker for one upstream, shared by a worker's threads.
+
+    Closed while failures < threshold. Open for `cooldown` seconds after that; then one
+    caller probes, and the others keep skipping the upstream until the probe reports back
+    (or `probe_timeout` passes: a probe that never reports must not block it for ever).
+    """
 
     threshold: int
     cooldown: float
+    probe_timeout: float
     failures: int = 0
     open_until: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def allow(self, now: float) -> bool:
-        """Closed: yes. Open: no, until the cooldown ends; then one caller probes."""
         with self.lock:
             if self.failures < self.threshold:
                 return True
             if now < self.open_until:
                 return False
-            self.open_until = now + self.cooldown
+            self.open_until = now + self.probe_timeout
             return True
 
     def succeeded(self) -> None:
-        self.failures = 0
+        with self.lock:
+            self.failures = 0
+            self.open_until = 0.0
 
     def failed(self, now: float) -> None:
         with self.lock:
             self.failures += 1
             if self.failures >= self.threshold:
                 self.open_until = now + self.cooldown
+
+
+@dataclass
+class Attempt:
+    """One upstream tried for one request: reports faults to its breaker and the log."""
+
+    upstream: Upstream
+    breaker: Breaker
+    request_id: str
+    reported: bool = False
+
+    def succeeded(self) -> None:
+        if not self.reported:
+            self.reported = True
+            self.breaker.succeeded()
+
+    def failed(self, what: str, reason: str, level: int = logging.WARNING) -> None:
+        if not self.reported:
+            self.reported = True
+            self.breaker.failed(time.monotonic())
+        log.log(
+            level,
+            "upstream %s/%s %s: %s",
+            self.upstream.provider,
+            self.upstream.model,
+            what,
+            reason,
+            extra={"request_id": self.request_id},
+        )
+
+
+@dataclass
+class Opened:
+    """An upstream that accepted the request: non-stream with its body read and
+    checked, or a stream whose first event has arrived (the relay reports how it ends)."""
+
+    attempt: Attempt
+    completion: dict[str, Any] | None = None  # non-stream: the parsed body
+    raw_body: bytes = b""
+    events: EventReader | None = None  # stream: the rest of the events
+    first_event: bytes | None = None
 
 
 def _session(provider: Provider) -> requests.Session:
@@ -121,11 +162,16 @@ class Router:
 
     def __init__(self, config: Config) -> None:
         self.providers = config.providers
-        self.keepalive = config.gateway.stream_keepalive_seconds
         self.sessions = {name: _session(p) for name, p in config.providers.items()}
         self.breakers = {
             (u.provider, u.model): Breaker(
-                config.routing.failure_threshold, config.routing.cooldown_seconds
+                config.routing.failure_threshold,
+                config.routing.cooldown_seconds,
+                probe_timeout=max(
+                    config.routing.cooldown_seconds,
+                    self.providers[u.provider].connect_timeout
+                    + self.providers[u.provider].read_timeout,
+                ),
             )
             for model in config.models.values()
             for u in model.upstreams
@@ -141,36 +187,26 @@ class Router:
 
         The meter learns of every attempt, so the ledger can say which upstream served.
         """
-        request_id = meter.request_id
         for upstream in chat.model.upstreams:
             provider = self.providers[upstream.provider]
             breaker = self.breakers[(upstream.provider, upstream.model)]
             if not provider.api_key or not breaker.allow(time.monotonic()):
                 continue
             meter.attempt(upstream)
+            attempt = Attempt(upstream, breaker, meter.request_id)
             try:
-                opened = self._attempt(provider, upstream, chat)
+                opened = self._attempt(provider, attempt, chat)
             except _Unavailable as exc:
-                breaker.failed(time.monotonic())
-                log.warning(
-                    "upstream %s/%s unavailable: %s",
-                    upstream.provider,
-                    upstream.model,
-                    exc,
-                    extra={"request_id": request_id},
-                )
+                attempt.failed("unavailable", str(exc))
                 continue
             except UpstreamModelError as exc:
-                breaker.failed(time.monotonic())
-                log.error(
-                    "upstream %s/%s gave an invalid response: %s",
-                    upstream.provider,
-                    upstream.model,
-                    exc.detail,
-                    extra={"request_id": request_id},
-                )
+                attempt.failed("gave an invalid response", exc.detail, logging.ERROR)
                 raise
-            breaker.succeeded()
+            except ApiError:
+                attempt.succeeded()  # it answered: the request was at fault, not the upstream
+                raise
+            if opened.events is None:
+                attempt.succeeded()
             return opened
         raise ApiError(
             503,
@@ -187,8 +223,8 @@ class Router:
         ]
         return max(1, min(30, math.ceil(min(waits))))
 
-    def _attempt(self, provider: Provider, upstream: Upstream, chat: ChatRequest) -> Opened:
-        body = dict(chat.body, model=upstream.model)
+    def _attempt(self, provider: Provider, attempt: Attempt, chat: ChatRequest) -> Opened:
+        body = dict(chat.body, model=attempt.upstream.model)
         if chat.stream:
             # Always ask for usage: metering needs it even when the client did not.
             body["stream_options"] = dict(chat.body.get("stream_options") or {}, include_usage=True)
@@ -200,14 +236,14 @@ class Router:
                 stream=True,
             )
         except requests.RequestException as exc:
-            raise _Unavailable(type(exc).__name__) from None
+            raise _Unavailable(describe_error(exc)) from None
         if response.status_code != 200:
-            self._refuse(response)
+            self._refuse(response, provider)
         if chat.stream:
-            return self._open_stream(response, upstream)
-        return self._read_completion(response, upstream)
+            return self._open_stream(response, attempt, provider.read_timeout)
+        return self._read_completion(response, attempt)
 
-    def _refuse(self, response: requests.Response) -> None:
+    def _refuse(self, response: requests.Response, provider: Provider) -> None:
         """Turn an upstream error status into failover or a 400 for the client."""
         status = response.status_code
         try:
@@ -222,14 +258,14 @@ class Router:
             message = error.get("message")
             if not isinstance(message, str) or not message:
                 message = "The upstream provider rejected the request."
-            raise invalid(f"Upstream rejected the request: {message[:1000]}")
+            raise invalid(f"Upstream rejected the request: {_scrub(message[:1000], provider)}")
         raise _Unavailable(f"HTTP {status} {code}".strip())
 
-    def _read_completion(self, response: requests.Response, upstream: Upstream) -> Opened:
+    def _read_completion(self, response: requests.Response, attempt: Attempt) -> Opened:
         try:
             raw = response.content
         except requests.RequestException as exc:
-            raise _Unavailable(f"body read failed: {type(exc).__name__}") from None
+            raise _Unavailable(f"body read failed: {describe_error(exc)}") from None
         body = raw.strip()
         try:
             completion = json.loads(body)
@@ -237,21 +273,27 @@ class Router:
             raise UpstreamModelError(f"non-JSON body ({len(raw)} bytes)") from None
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
             raise UpstreamModelError("JSON body without choices")
-        return Opened(upstream=upstream, completion=completion, raw_body=body)
+        return Opened(attempt, completion=completion, raw_body=body)
 
-    def _open_stream(self, response: requests.Response, upstream: Upstream) -> Opened:
+    def _open_stream(
+        self, response: requests.Response, attempt: Attempt, read_timeout: float
+    ) -> Opened:
         content_type = response.headers.get("Content-Type", "")
         if "text/event-stream" not in content_type:
             response.close()
             raise UpstreamModelError(f"stream answered with {content_type or 'no content type'}")
         events = EventReader(response)
-        # Wait for the first event before answering the client: an upstream that dies
-        # now can still be replaced by the next one.
-        first = events.get(timeout=None)
+        # Wait for the first event (a keep-alive comment counts) before answering the
+        # client: an upstream that dies or stalls now can still be replaced by the next.
+        try:
+            first = events.get(timeout=read_timeout)
+        except queue.Empty:
+            first = UpstreamFailed("no event within read_timeout")
         if isinstance(first, UpstreamFailed | UpstreamEnded):
             events.close()
-            raise _Unavailable(f"stream ended before its first event: {first}")
-        return Opened(upstream=upstream, events=events, first_event=first)
+            reason = first.reason if isinstance(first, UpstreamFailed) else "empty stream"
+            raise _Unavailable(f"stream ended before its first event: {reason}")
+        return Opened(attempt, events=events, first_event=first)
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -268,3 +310,12 @@ def _error_object(raw: bytes) -> dict[str, Any]:
         return {}
     error = body.get("error", body)
     return error if isinstance(error, dict) else {"message": str(error)}
+
+
+def _scrub(text: str, provider: Provider) -> str:
+    """An upstream's message with the provider's key and address taken out, should it
+    ever echo them back."""
+    for secret in (provider.api_key, provider.base_url, urlsplit(provider.base_url).netloc):
+        if secret:
+            text = text.replace(secret, "[redacted]")
+    return text

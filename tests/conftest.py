@@ -144,3 +144,54 @@ def redis_url(request: pytest.FixtureRequest) -> str:
     finally:
         client.close()
     return url
+
+
+@pytest.fixture
+def gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    """The gateway's log lines (INFO and up; third-party WARNING and up, as in production).
+
+    The `keymeai` logger does not propagate to the root, so caplog's handler is hung on it
+    directly; other libraries' lines reach caplog through the root logger.
+    """
+    import logging
+
+    logger = logging.getLogger("keymeai")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING)
+    try:
+        yield caplog
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+@pytest.fixture
+def blackhole() -> Iterator[Any]:
+    """A provider address where connecting hangs (for connect_timeout tests)."""
+    from tests.support import Blackhole
+
+    hole = Blackhole()
+    yield hole
+    hole.close()
+
+
+@pytest.fixture
+def route(
+    config_data: dict[str, Any], upstream: FakeUpstream, start_gateway: Callable[..., Gateway]
+) -> Callable[..., Any]:
+    """Start a gateway whose model `resilient` has one upstream per given fake mode.
+
+    `route("503", "ark/ok", read_timeout=1, routing={"failure_threshold": 1})`: providers
+    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise.
+    """
+    from tests.support import FAST_TIMEOUTS, ROUTED_MODEL, Routed, add_route
+
+    def start(*modes: str, routing: dict[str, Any] | None = None, **options: Any) -> Routed:
+        providers = add_route(
+            config_data, upstream.url, ROUTED_MODEL, list(modes), **{**FAST_TIMEOUTS, **options}
+        )
+        config_data["routing"].update(routing or {})
+        gateway = start_gateway()
+        key = gateway.create_key()
+        return Routed(gateway.client(key, timeout=15), providers, key)
+
+    return start

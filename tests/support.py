@@ -230,3 +230,92 @@ class Gunicorn:
 
     def log(self) -> str:
         return self.log_path.read_text()
+
+
+def add_route(
+    data: dict[str, Any], fake_url: str, model_id: str, modes: list[str], **options: Any
+) -> list[str]:
+    """Give `model_id` one upstream per fake mode, tried in order (e.g. ["503", "ark/ok"]).
+
+    Each upstream gets its own provider `<model_id>-<i>` (so its own breaker and pool);
+    a mode may name the provider shape as `shape/mode` (default deepseek). `options` are
+    provider settings such as `read_timeout`. Returns the provider names.
+    """
+    base_paths = {"deepseek": "v1", "dashscope": "compatible-mode/v1", "ark": "api/v3"}
+    names = []
+    for i, spec in enumerate(modes):
+        shape, _, mode = spec.rpartition("/")
+        shape = shape or "deepseek"
+        name = f"{model_id}-{i}"
+        add_provider(data, name, f"{fake_url}/{shape}/{mode}/{base_paths[shape]}", **options)
+        names.append(name)
+    add_model(data, model_id, [(name, f"{name}-upstream") for name in names])
+    return names
+
+
+class Blackhole:
+    """A TCP port whose accept queue is full: connecting to it hangs until a timeout.
+
+    The kernel drops SYNs to a full listen backlog, which is what an unreachable
+    provider looks like from here.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(0)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._fillers = []
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            # A non-blocking connect goes on in the background: that fills the queue.
+            filler.connect_ex(self._listener.getsockname())
+            self._fillers.append(filler)
+
+    def close(self) -> None:
+        for sock in [*self._fillers, self._listener]:
+            sock.close()
+
+
+def assert_no_secrets(text: str, fake_url: str, *keys: str) -> None:
+    """`text` (an error, a stream, a log) names no provider key, provider address or km- key."""
+    host = fake_url.removeprefix("http://")
+    for secret in (UPSTREAM_KEY, host, *keys):
+        assert secret not in text, f"{secret!r} leaked"
+    assert "Traceback" not in text
+
+
+def log_text(caplog: Any) -> str:
+    """Captured log records as the JSON lines production writes (message and extras)."""
+    from keymeai.logs import JsonFormatter
+
+    formatter = JsonFormatter()
+    return "\n".join(formatter.format(record) for record in caplog.records)
+
+
+ROUTED_MODEL = "resilient"  # the model `add_route` tests give their fault-mode upstreams
+FAST_TIMEOUTS = {"connect_timeout": 0.5, "read_timeout": 0.5}
+
+
+class Routed:
+    """A gateway started by the `route` fixture: an SDK client and the model's providers."""
+
+    def __init__(self, client: Any, providers: list[str], key: str) -> None:
+        self.client = client  # openai.OpenAI
+        self.providers = providers
+        self.key = key
+
+
+def timed_chat(client: Any, **extra: Any) -> tuple[Any, float]:
+    """A completion of the routed model, or the SDK's exception; and the seconds it took."""
+    import openai
+
+    started = time.monotonic()
+    try:
+        result: Any = client.chat.completions.create(
+            model=ROUTED_MODEL, messages=[{"role": "user", "content": "hello there"}], **extra
+        )
+    except openai.APIError as exc:
+        result = exc
+    return result, time.monotonic() - started
