@@ -1,13 +1,22 @@
-"""Assertions shared by the HTTP-level tests: what every gateway error must look like."""
+"""Shared by the HTTP-level tests: what every gateway error must look like, and raw HTTP."""
 
 from __future__ import annotations
 
+import json
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import requests
 
+from tests.fake_upstream import FakeUpstream
+from tests.support import usage_records
+
+if TYPE_CHECKING:
+    from tests.conftest import Gateway
+
 GENERATED_REQUEST_ID = re.compile(r"req_[0-9a-f]{32}")
+SMALL_BODY_LIMIT = 16 * 1024  # gateway.max_request_bytes of the `api` fixture
 _ANY: Any = object()
 
 
@@ -39,3 +48,34 @@ def assert_openai_error(
         if expected is not _ANY:
             assert error[name] == expected, (name, error)
     return dict(error)
+
+
+@dataclass
+class Api:
+    """A live gateway with a valid key, for raw HTTP (exact bytes and headers)."""
+
+    gateway: Gateway
+    key: str
+    upstream: FakeUpstream
+
+    @property
+    def url(self) -> str:
+        return f"{self.gateway.url}/v1/chat/completions"
+
+    def headers(self, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}", **extra}
+
+    def post(
+        self, data: Any, content_type: str | None = "application/json", **kw: Any
+    ) -> requests.Response:
+        headers = self.headers(**({"Content-Type": content_type} if content_type else {}))
+        headers.update(kw.pop("headers", {}))
+        return requests.post(self.url, data=data, headers=headers, timeout=10, **kw)
+
+    def post_json(self, body: Any) -> requests.Response:
+        return self.post(json.dumps(body))
+
+    def assert_rejected_for_free(self) -> None:
+        """Nothing reached the upstream and nothing was metered."""
+        assert self.upstream.requests == []
+        assert usage_records() == []

@@ -114,3 +114,15 @@ def start_gunicorn(
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def api(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any], upstream: FakeUpstream
+) -> Any:
+    """A gateway with a small body limit and a standard-tier key, for raw-HTTP tests."""
+    from tests.checks import SMALL_BODY_LIMIT, Api
+
+    config_data["gateway"]["max_request_bytes"] = SMALL_BODY_LIMIT
+    gateway = start_gateway()
+    return Api(gateway, gateway.create_key("standard"), upstream)
