@@ -23,6 +23,8 @@ JSON_TYPES = ("application/json",)
 # Far deeper than any real request (tool schemas included). A deeper body could parse
 # here yet exhaust the stack when it is serialised again for the upstream (a 500).
 MAX_DEPTH = 100
+# No model comes near it; the bound keeps the quota reservation within a 64-bit column.
+MAX_TOKENS = 2**31 - 1
 # A \ud800-\udfff escape: fine in a surrogate pair, but alone it decodes to a string
 # that cannot be encoded as UTF-8 for the upstream.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -117,8 +119,8 @@ def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> Cha
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature must be a number between 0 and 2", "temperature")
     max_tokens = body.get("max_tokens")
-    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens > 0):
-        raise invalid("max_tokens must be a positive integer", "max_tokens")
+    if max_tokens is not None and not (_is_int(max_tokens) and 0 < max_tokens <= MAX_TOKENS):
+        raise invalid(f"max_tokens must be an integer from 1 to {MAX_TOKENS}", "max_tokens")
     stream = body.get("stream", False)
     if stream is None:
         stream = False

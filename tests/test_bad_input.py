@@ -71,6 +71,7 @@ FIELD_CASES = {
     "max_tokens whole float": ("max_tokens", body_with(max_tokens=10.0)),
     "max_tokens string": ("max_tokens", body_with(max_tokens="10")),
     "max_tokens bool": ("max_tokens", body_with(max_tokens=True)),
+    "max_tokens huge": ("max_tokens", body_with(max_tokens=2**63)),
     "stream string": ("stream", body_with(stream="yes")),
     "stream number": ("stream", body_with(stream=1)),
     "stream_options string": ("stream_options", body_with(stream=True, stream_options="yes")),

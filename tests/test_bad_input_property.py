@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +35,8 @@ _json = st.recursive(
     ),
     max_leaves=8,
 )
+# Where integer types end: int32, float64's exact range, int64, uint64.
+_INT_EDGES = [2**31 - 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64]
 _valid_body = st.fixed_dictionaries(
     {
         "model": st.sampled_from(["deepseek-chat", "qwen-max", "doubao-pro-32k", "gpt-4"]),
@@ -47,7 +50,7 @@ _valid_body = st.fixed_dictionaries(
     },
     optional={
         "temperature": st.floats(0, 2),
-        "max_tokens": st.integers(1, 30),
+        "max_tokens": st.integers(1, 30) | st.sampled_from(_INT_EDGES),
         "stream": st.booleans(),
         "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
         "top_p": st.floats(0, 1),
@@ -98,15 +101,24 @@ def documents(draw: st.DrawFn) -> Any:
     return body
 
 
+@pytest.fixture
+def quota_api(api: Api) -> Api:
+    """The `api` gateway, with a key on the tier that has a monthly token quota, so that
+    the quota's bookkeeping sees the random values too."""
+    api.key = api.gateway.create_key("hobby")
+    return api
+
+
 @settings(
     max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(document=documents())
-def test_random_documents_never_get_a_5xx(api: Api, document: Any) -> None:
+def test_random_documents_never_get_a_5xx(quota_api: Api, document: Any) -> None:
     """Whatever the JSON, the answer is a completion, a stream or an OpenAI error; every
     request that reached the upstream is metered once, and no other."""
+    api = quota_api
     before = (len(api.upstream.requests), len(usage_records()))
     response = api.post(json.dumps(document))
     assert response.status_code < 500, (document, response.text)
