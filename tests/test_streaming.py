@@ -13,8 +13,9 @@ import signal
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -27,6 +28,7 @@ from tests.fake_upstream import FakeUpstream, RecordedRequest
 from tests.support import Gunicorn, usage_records, wait_for_records
 
 Start = Callable[..., Gunicorn]
+Serve = Callable[[], "Served"]
 
 
 def ask(content: str, model: str = "qwen-max", **fake: Any) -> dict[str, Any]:
@@ -39,21 +41,37 @@ def ask(content: str, model: str = "qwen-max", **fake: Any) -> dict[str, Any]:
     }
 
 
-def start(start_gunicorn: Start) -> tuple[Gunicorn, str]:
-    """gunicorn on the test's config, and a key made in this process's ledger."""
-    server = start_gunicorn()
-    return server, keys.create_key("streamer", "standard")[1]
+@dataclass
+class Served:
+    server: Gunicorn
+    key: str
+    client: OpenAI  # the official SDK with the key
 
 
-def sdk(server: Gunicorn, key: str) -> OpenAI:
-    return OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
+@pytest.fixture
+def serve(start_gunicorn: Start, ledger: None) -> Iterator[Serve]:
+    """Start gunicorn on the test's config (edited first) with a key made in this
+    process's ledger. The SDK clients are closed before gunicorn is stopped: idle
+    keep-alive connections would make its graceful stop take seconds."""
+    made: list[Served] = []
+
+    def start() -> Served:
+        server = start_gunicorn()
+        key = keys.create_key("streamer", "standard")[1]
+        client = OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
+        made.append(Served(server, key, client))
+        return made[-1]
+
+    yield start
+    for served in made:
+        served.client.close()
 
 
-def post_stream(server: Gunicorn, key: str, body: dict[str, Any]) -> requests.Response:
+def post_stream(served: Served, body: dict[str, Any]) -> requests.Response:
     response = requests.post(
-        f"{server.url}/v1/chat/completions",
+        f"{served.server.url}/v1/chat/completions",
         json=body,
-        headers={"Authorization": f"Bearer {key}"},
+        headers={"Authorization": f"Bearer {served.key}"},
         stream=True,
         timeout=20,
     )
@@ -69,12 +87,11 @@ def assert_metered_as_reported(record: UsageRecord, sent: RecordedRequest) -> No
     assert record.outcome == "ok" and not record.estimated and record.stream
 
 
-@pytest.mark.usefixtures("ledger")
-def test_chunks_flow_one_by_one(start_gunicorn: Start, upstream: FakeUpstream) -> None:
-    server, key = start(start_gunicorn)
+def test_chunks_flow_one_by_one(serve: Serve, upstream: FakeUpstream) -> None:
+    served = serve()
     began = time.monotonic()
     arrivals, text = [], ""
-    for chunk in sdk(server, key).chat.completions.create(
+    for chunk in served.client.chat.completions.create(
         model="qwen-max",
         messages=[{"role": "user", "content": "ignored"}],
         stream=True,
@@ -92,12 +109,10 @@ def test_chunks_flow_one_by_one(start_gunicorn: Start, upstream: FakeUpstream) -
     assert_metered_as_reported(wait_for_records(1)[0], upstream.requests[0])
 
 
-@pytest.mark.usefixtures("ledger")
 def test_client_that_hangs_up_is_metered_within_two_seconds(
-    start_gunicorn: Start, upstream: FakeUpstream
+    serve: Serve, upstream: FakeUpstream
 ) -> None:
-    server, key = start(start_gunicorn)
-    response = post_stream(server, key, ask("tell me a long story", words=30, interval=0.2))
+    response = post_stream(serve(), ask("tell me a long story", words=30, interval=0.2))
     events = 0
     for line in response.iter_lines():
         events += line.startswith(b"data:")
@@ -122,21 +137,20 @@ def test_client_that_hangs_up_is_metered_within_two_seconds(
     assert len(usage_records()) == 1
 
 
-@pytest.mark.usefixtures("ledger")
 def test_idle_stream_gets_ping_comments(
-    start_gunicorn: Start, config_data: dict[str, Any], upstream: FakeUpstream
+    serve: Serve, config_data: dict[str, Any], upstream: FakeUpstream
 ) -> None:
     """Pings while the upstream is silent (DashScope between slow chunks) or queued
     (DeepSeek's own `: keep-alive` before the first chunk); the SDK ignores them."""
     config_data["gateway"]["stream_keepalive_seconds"] = 0.2
-    server, key = start(start_gunicorn)
+    served = serve()
 
     def wire(body: dict[str, Any]) -> list[tuple[float, bytes]]:
-        with post_stream(server, key, body) as response:
+        with post_stream(served, body) as response:
             return [(time.monotonic(), line) for line in response.iter_lines() if line]
 
     def with_sdk() -> str:
-        stream = sdk(server, key).chat.completions.create(
+        stream = served.client.chat.completions.create(
             model="qwen-max",
             messages=[{"role": "user", "content": "slow"}],
             stream=True,
@@ -161,12 +175,8 @@ def test_idle_stream_gets_ping_comments(
     assert len(wait_for_records(3)) == 3
 
 
-@pytest.mark.usefixtures("ledger")
-def test_concurrent_streams_are_each_metered_once(
-    start_gunicorn: Start, upstream: FakeUpstream
-) -> None:
-    server, key = start(start_gunicorn)
-    client = sdk(server, key)
+def test_concurrent_streams_are_each_metered_once(serve: Serve, upstream: FakeUpstream) -> None:
+    client = serve().client
     count = 20
 
     def one(i: int) -> str:
@@ -192,12 +202,9 @@ def test_concurrent_streams_are_each_metered_once(
     assert len(usage_records()) == count  # and nothing more turned up later
 
 
-@pytest.mark.usefixtures("ledger")
-def test_sigterm_lets_a_stream_in_flight_finish(
-    start_gunicorn: Start, upstream: FakeUpstream
-) -> None:
-    server, key = start(start_gunicorn)
-    stream = sdk(server, key).chat.completions.create(
+def test_sigterm_lets_a_stream_in_flight_finish(serve: Serve, upstream: FakeUpstream) -> None:
+    served = serve()
+    stream = served.client.chat.completions.create(
         model="deepseek-chat",
         messages=[{"role": "user", "content": "finish me"}],
         stream=True,
@@ -208,10 +215,10 @@ def test_sigterm_lets_a_stream_in_flight_finish(
     for chunk in stream:
         text += (chunk.choices[0].delta.content or "") if chunk.choices else ""
         if text and not signalled.is_set():
-            assert server.process is not None
-            server.process.send_signal(signal.SIGTERM)
+            assert served.server.process is not None
+            served.server.process.send_signal(signal.SIGTERM)
             signalled.set()
     assert signalled.is_set()
     assert text == "w1 w2 w3 w4 w5 w6 w7 w8"
-    assert server.process is not None and server.process.wait(timeout=30) == 0
+    assert served.server.process is not None and served.server.process.wait(timeout=30) == 0
     assert_metered_as_reported(wait_for_records(1)[0], upstream.requests[0])
