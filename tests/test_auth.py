@@ -104,8 +104,7 @@ def test_missing_key_is_401_with_openai_hint(gateway: Gateway, headers: dict[str
 def test_revoked_key_stops_working_within_the_cache_ttl(
     start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
 ) -> None:
-    ttl = 2.0
-    config_data["gateway"]["key_cache_seconds"] = ttl
+    ttl = config_data["gateway"]["key_cache_seconds"]
     gateway = start_gateway()
     row, key = keys.create_key("soon revoked", "standard")
     client = gateway.client(key)

@@ -29,9 +29,12 @@ import pytest
 from keymeai import keys, metering, reports
 from keymeai.ledger import utcnow
 from tests.conftest import Gateway
-from tests.support import PROVIDER_ENV, ROOT, usage_records, write_toml
+from tests.fake_upstream import FakeUpstream
+from tests.support import PROVIDER_ENV, ROOT, add_model, add_provider, usage_records, write_toml
 
 KEY_LINE = re.compile(r"km-[A-Za-z0-9_-]{32,}")
+PLAIN_COST = re.compile(r"\d+\.\d{10}")
+FIELDS = list(reports.FIELDS)
 CHAT: dict[str, Any] = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "hi"}]}
 TOKEN_FIELDS = ["prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens"]
 CACHED = {"fake": {"cached": 2}}  # the fake upstream reports 2 cached prompt tokens
@@ -212,13 +215,24 @@ def test_mistakes_exit_non_zero_with_a_clear_message(cli: Cli, gateway: Gateway)
     ]
 
 
-def test_usage_report_matches_the_records(cli: Cli, gateway: Gateway) -> None:
+def test_usage_report_matches_the_records(
+    cli: Cli,
+    start_gateway: Callable[..., Gateway],
+    config_data: dict[str, Any],
+    upstream: FakeUpstream,
+) -> None:
+    # A model whose upstream refuses every request: metered, with nothing to pay.
+    add_provider(config_data, "refuser", upstream.base_url("deepseek", "400"))
+    add_model(config_data, "refused", [("refuser", "deepseek-chat")])
+    gateway = start_gateway()
     alice = gateway.client(new_key("alice", "standard"))
     bob = gateway.client(new_key("bob", "standard"))
     alice.chat.completions.create(**CHAT)
     list(alice.chat.completions.create(**CHAT, stream=True))
     alice.chat.completions.create(**{**CHAT, "model": "qwen-max"})
     bob.chat.completions.create(**{**CHAT, "model": "doubao-pro-32k"}, extra_body=CACHED)
+    with pytest.raises(openai.BadRequestError):
+        bob.chat.completions.create(**{**CHAT, "model": "refused"})
     metering.write_usage(past_record(key_id=2), None)  # a request of March 2025
 
     this_month = utcnow().date().replace(day=1)
@@ -230,7 +244,7 @@ def test_usage_report_matches_the_records(cli: Cli, gateway: Gateway) -> None:
             for name in TOKEN_FIELDS:
                 sums[name] += getattr(record, name)
             sums["cost"] += Decimal(record.cost_units).scaleb(-10)
-    assert len(expected) == 3
+    assert len(expected) == 4 and expected[(2, "refused")]["cost"] == 0
 
     as_json, as_csv, table, only_bob, march = cli(
         ["usage", "report", "--format", "json"],
@@ -252,9 +266,12 @@ def test_usage_report_matches_the_records(cli: Cli, gateway: Gateway) -> None:
 
     parsed = list(csv.reader(io.StringIO(ok(as_csv))))
     assert parsed[0] == list(reports.FIELDS)
-    assert parsed[1:] == [[str(row[f]) for f in reports.FIELDS] for row in rows]
+    assert [line[:-1] for line in parsed[1:]] == [[str(r[f]) for f in FIELDS[:-1]] for r in rows]
     lines = ok(table).splitlines()
     assert lines[0].split() == list(reports.FIELDS) and len(lines) == 1 + len(rows)
+    for cost, row in zip([p[-1] for p in parsed[1:]], rows, strict=True):
+        assert PLAIN_COST.fullmatch(cost) and Decimal(cost) == row["cost"]  # never "0E-10"
+    assert all(PLAIN_COST.fullmatch(line.split()[-1]) for line in lines[1:])
     assert json.loads(ok(only_bob)) == [r for r in json.loads(ok(as_json)) if r["key_id"] == 2]
     march_rows = json.loads(ok(march))
     assert [(r["key_name"], r["model"], r["requests"]) for r in march_rows] == [
