@@ -96,7 +96,9 @@ def documents(draw: st.DrawFn) -> Any:
                 parent = None
         if isinstance(parent, dict) and draw(st.booleans()):
             parent.pop(path[-1], None)
-        elif isinstance(parent, dict) or (isinstance(parent, list) and parent):
+        elif isinstance(parent, dict) or (
+            isinstance(parent, list) and parent and isinstance(path[-1], int)
+        ):
             parent[path[-1]] = draw(_json)
     return body
 
