@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import gateway, quota
 from .auth import authenticate
@@ -25,6 +26,8 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 
 @bp.before_request
 def require_key() -> None:
+    if request.method == "OPTIONS":
+        return  # Flask's automatic answer (Allow: ...) reveals nothing; preflights carry no key
     gw = gateway.current()
     key = authenticate(gw.keys)
     tier = gw.config.tiers.get(key.tier)
@@ -42,9 +45,8 @@ def require_key() -> None:
 def chat_completions() -> Response:
     gw = gateway.current()
     key = g.api_key
-    chat = parse_chat_request(
-        parse_json_body(request.get_data(cache=False), request.content_type), gw.config.models
-    )
+    raw = read_body(gw.config.gateway.max_request_bytes)
+    chat = parse_chat_request(parse_json_body(raw, request.content_type), gw.config.models)
     if key.allowed_models is not None and chat.model.id not in key.allowed_models:
         raise ApiError(
             403,
@@ -69,6 +71,20 @@ def chat_completions() -> Response:
     except BaseException:
         meter.finish(500, "error")
         raise
+
+
+def read_body(limit: int) -> bytes:
+    """The request body; 413 past `limit` bytes, whether or not it came with a length.
+
+    Werkzeug stops reading a chunked body at MAX_CONTENT_LENGTH without a word, so the
+    body would arrive truncated: the byte after the limit tells a 413 from a body that
+    is exactly `limit` bytes long.
+    """
+    raw = request.get_data(cache=False)
+    chunked = request.content_length is None
+    if chunked and len(raw) >= limit and request.environ["wsgi.input"].read(1):
+        raise RequestEntityTooLarge()
+    return raw
 
 
 def model_object(model: Model) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def usage_report(month: str | None, key_ref: str | None, fmt: str) -> None:
     if fmt == "json":
         click.echo(reports.to_json(rows))
         return
-    values = [[str(getattr(row, f)) for f in reports.FIELDS] for row in rows]
+    values = [[_cell(getattr(row, f)) for f in reports.FIELDS] for row in rows]
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
@@ -216,6 +216,11 @@ def upgrade() -> None:
     """Apply pending schema migrations (idempotent; safe to run concurrently)."""
     applied = db.upgrade()
     click.echo(f"Applied {', '.join(applied)}." if applied else "Schema is up to date.")
+
+
+def _cell(value: object) -> str:
+    """A report value as text; costs in plain decimals (str() gives "2.7E-7", "0E-10")."""
+    return f"{value:f}" if isinstance(value, Decimal) else str(value)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

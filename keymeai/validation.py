@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .config import Model
-from .errors import invalid, model_not_found
+from .errors import ApiError, invalid, model_not_found
 from .tokens import estimate_prompt_tokens
 
 ROLES = ("system", "user", "assistant", "tool")
 JSON_TYPES = ("application/json",)
+# Far deeper than any real request (tool schemas included). A deeper body could parse
+# here yet exhaust the stack when it is serialised again for the upstream (a 500).
+MAX_DEPTH = 100
+# No model comes near it; the bound keeps the quota reservation within a 64-bit column.
+MAX_TOKENS = 2**31 - 1
+# A \ud800-\udfff escape: fine in a surrogate pair, but alone it decodes to a string
+# that cannot be encoded as UTF-8 for the upstream.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 @dataclass
@@ -53,12 +62,45 @@ def parse_json_body(raw: bytes, content_type: str | None) -> dict[str, Any]:
         raise invalid("The request body is empty; expected a JSON object.")
     try:
         body = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError as exc:
         detail = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
         raise invalid(f"We could not parse the JSON body of your request: {detail}.") from None
     if not isinstance(body, dict):
         raise invalid("The request body must be a JSON object.")
+    if _depth_exceeds(body, MAX_DEPTH):
+        raise _too_deep()
+    if _SURROGATE_ESCAPE.search(text) and not _is_unicode(body):
+        raise invalid(
+            "The request body contains an unpaired surrogate escape (\\ud800-\\udfff): "
+            "its strings are not valid Unicode."
+        )
     return body
+
+
+def _too_deep() -> ApiError:
+    return invalid(f"The JSON body is nested too deeply (at most {MAX_DEPTH} levels).")
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _is_unicode(body: dict[str, Any]) -> bool:
+    try:
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> ChatRequest:
@@ -77,8 +119,8 @@ def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> Cha
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature must be a number between 0 and 2", "temperature")
     max_tokens = body.get("max_tokens")
-    if max_tokens is not None and not (_is_int(max_tokens) and max_tokens > 0):
-        raise invalid("max_tokens must be a positive integer", "max_tokens")
+    if max_tokens is not None and not (_is_int(max_tokens) and 0 < max_tokens <= MAX_TOKENS):
+        raise invalid(f"max_tokens must be an integer from 1 to {MAX_TOKENS}", "max_tokens")
     stream = body.get("stream", False)
     if stream is None:
         stream = False

@@ -195,3 +195,15 @@ def route(
         return Routed(gateway.client(key, timeout=15), providers, key)
 
     return start
+
+
+@pytest.fixture
+def api(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any], upstream: FakeUpstream
+) -> Any:
+    """A gateway with a small body limit and a standard-tier key, for raw-HTTP tests."""
+    from tests.checks import SMALL_BODY_LIMIT, Api
+
+    config_data["gateway"]["max_request_bytes"] = SMALL_BODY_LIMIT
+    gateway = start_gateway()
+    return Api(gateway, gateway.create_key("standard"), upstream)
