@@ -1,5 +1,9 @@
 """Entry point for `gunicorn app:app` and `flask --app app ...`."""
 
 from keymeai import create_app
+from keymeai.config import ConfigError
 
-app = create_app()
+try:
+    app = create_app()
+except ConfigError as exc:
+    raise SystemExit(f"keymeai: {exc}") from None

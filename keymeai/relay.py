@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import select
+import socket
 from collections.abc import Iterator
 from typing import Any
 
-from flask import Response
+from flask import Response, request
 
 from . import metrics
 from .errors import ApiError
@@ -24,6 +26,7 @@ from .upstream import Opened, UpstreamModelError
 from .validation import ChatRequest
 
 PING = b": ping\n\n"
+IDLE_TICK = 0.5  # how often an idle stream looks for a client that hung up
 DONE = b"data: [DONE]\n\n"
 DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
 # What a client sees when the upstream dies mid-stream: OpenAI's error shape, which the
@@ -46,6 +49,35 @@ class _BrokenChunk(Exception):
     """A stream event that is not a chat completion chunk."""
 
 
+class _ClientGone:
+    """The client closed its connection while the upstream was idle."""
+
+
+def client_socket() -> Any:
+    """The client's socket, where the server exposes it (gunicorn and Werkzeug do)."""
+    environ = request.environ
+    return environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+
+
+def client_hung_up(sock: Any) -> bool:
+    """Whether the client has closed its end: a FIN waits on the socket.
+
+    A write to a closed connection fails only at the second attempt, so while the
+    upstream is silent this check notices a departed client long before pings would.
+    poll() with a zero timeout never blocks, under threads or gevent alike.
+    """
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        return bool(sock.recv(1, socket.MSG_PEEK) == b"")
+    except ValueError:
+        return False  # e.g. a TLS socket, which cannot peek: rely on pings
+    except OSError:
+        return True
+
+
 def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> Response:
     """The client's response: the checked completion, or the stream of chunks."""
     if opened.events is None:
@@ -53,7 +85,7 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> 
         meter.observe(opened.completion)
         meter.finish(200, "ok")
         return Response(opened.raw_body, mimetype="application/json")
-    stream = ChunkRelay(opened, chat, meter, keepalive)
+    stream = ChunkRelay(opened, chat, meter, keepalive, client_socket())
     try:
         first = stream.frame(opened.first_event)
     except _BrokenChunk as exc:
@@ -72,13 +104,17 @@ class ChunkRelay:
     """Frames upstream events for the client, meters them, and reports how the stream
     ended to the upstream's breaker."""
 
-    def __init__(self, opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float):
+    def __init__(
+        self, opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float, client: Any
+    ) -> None:
         assert opened.events is not None
         self.events: EventReader = opened.events
         self.attempt = opened.attempt
         self.chat = chat
         self.meter = meter
         self.keepalive = keepalive
+        self.client = client
+        self.idle = 0.0
         self.saw_done = False
         self.saw_finish = False
 
@@ -125,6 +161,8 @@ class ChunkRelay:
                 data, end = self._next()
                 if end is not None:
                     break
+            if isinstance(end, _ClientGone):
+                return  # metered as client_closed on the way out
             if self.saw_done:
                 self.events.wait_end(DONE_GRACE)  # so its connection goes back to the pool
             if self.saw_done or (self.saw_finish and isinstance(end, UpstreamEnded)):
@@ -140,12 +178,19 @@ class ChunkRelay:
             metrics.STREAMS.dec()
             self.close()
 
-    def _next(self) -> tuple[bytes | None, UpstreamEnded | UpstreamFailed | None]:
-        """The bytes to send next, or how the upstream's stream ended."""
+    def _next(self) -> tuple[bytes | None, UpstreamEnded | UpstreamFailed | _ClientGone | None]:
+        """The bytes to send next (None: nothing yet), or how the stream ended."""
         try:
-            event = self.events.get(timeout=self.keepalive)
+            event = self.events.get(timeout=min(self.keepalive, IDLE_TICK))
         except queue.Empty:
-            return PING, None  # an idle upstream: a dead client shows up on this write
+            if self.client is not None and client_hung_up(self.client):
+                return None, _ClientGone()
+            self.idle += IDLE_TICK
+            if self.idle < self.keepalive:
+                return None, None
+            self.idle = 0.0
+            return PING, None  # keeps proxies from closing an idle stream
+        self.idle = 0.0
         if isinstance(event, UpstreamEnded | UpstreamFailed):
             return None, event
         try:

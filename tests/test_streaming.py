@@ -137,6 +137,23 @@ def test_client_that_hangs_up_is_metered_within_two_seconds(
     assert len(usage_records()) == 1
 
 
+def test_client_that_hangs_up_on_a_quiet_upstream_is_metered_within_two_seconds(
+    serve: Serve, upstream: FakeUpstream, config_data: dict[str, Any]
+) -> None:
+    """With the default 10 s keep-alive no ping would be written for a while: the gateway
+    notices the closed connection itself while it waits for the upstream."""
+    assert config_data["gateway"]["stream_keepalive_seconds"] >= 10
+    response = post_stream(serve(), ask("think hard", words=4, interval=8))
+    for line in response.iter_lines():
+        if line.startswith(b"data:"):
+            break  # the first chunk; the next one is 8 s away
+    response.close()
+    closed = time.monotonic()
+    records = wait_for_records(1, timeout=2.0)
+    assert records and time.monotonic() - closed < 2.0, "not metered 2 s after the client left"
+    assert records[0].outcome == "client_closed" and records[0].estimated
+
+
 def test_idle_stream_gets_ping_comments(
     serve: Serve, config_data: dict[str, Any], upstream: FakeUpstream
 ) -> None:
