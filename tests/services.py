@@ -1,0 +1,148 @@
+"""The real PostgreSQL and Redis servers the tests use, and their clean-up.
+
+PostgreSQL: every test that runs on it gets a fresh database named `keymeai_t_<8 hex>`,
+created from the `postgres` maintenance database and dropped (with its leftover
+connections) afterwards. Redis: a test claims one of the databases 6-10 (a lock file
+per number keeps concurrent test runs on one machine apart) and it is flushed before
+and after. Where a server is absent its tests skip, unless KEYMEAI_REQUIRE_SERVICES=1
+(CI), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+import redis
+
+# The maintenance database (trust auth on loopback); override for another server.
+POSTGRES_URL = os.environ.get(
+    "KEYMEAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+REDIS_URL = os.environ.get("KEYMEAI_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DATABASES = range(6, 11)  # the numbers these tests may use (and flush)
+DATABASE_PREFIX = "keymeai_t_"
+
+
+def services_required() -> bool:
+    return os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1"
+
+
+def unavailable(reason: str) -> None:
+    """Skip the test, or fail it where the services are mandatory (CI)."""
+    if services_required():
+        pytest.fail(f"{reason} (KEYMEAI_REQUIRE_SERVICES=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@functools.cache
+def postgres_problem() -> str | None:
+    try:
+        psycopg2.connect(POSTGRES_URL, connect_timeout=3).close()
+    except psycopg2.Error as exc:
+        return f"PostgreSQL unreachable at {_safe(POSTGRES_URL)}: {str(exc).strip()}"
+    return None
+
+
+@functools.cache
+def redis_problem() -> str | None:
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        return f"Redis unreachable at {_safe(REDIS_URL)}: {exc}"
+    return None
+
+
+def require_postgres() -> None:
+    problem = postgres_problem()
+    if problem:
+        unavailable(problem)
+
+
+def require_redis() -> None:
+    problem = redis_problem()
+    if problem:
+        unavailable(problem)
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _admin() -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(POSTGRES_URL, connect_timeout=5)
+    conn.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
+    return conn
+
+
+def postgres_url(name: str) -> str:
+    """The URL of database `name` on the test server."""
+    return urlunsplit(urlsplit(POSTGRES_URL)._replace(path=f"/{name}"))
+
+
+def create_postgres_database() -> str:
+    """A new, empty, uniquely named database; returns its URL."""
+    name = f"{DATABASE_PREFIX}{uuid.uuid4().hex[:8]}"
+    with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    return postgres_url(name)
+
+
+def drop_postgres_database(url: str) -> None:
+    """Drop a database made by `create_postgres_database`, ending its connections."""
+    name = urlsplit(url).path.lstrip("/")
+    if not name.startswith(DATABASE_PREFIX):
+        raise ValueError(f"refusing to drop {name!r}: not a test database")
+    with contextlib.closing(_admin()) as conn, conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    url = create_postgres_database()
+    try:
+        yield url
+    finally:
+        drop_postgres_database(url)
+
+
+@contextlib.contextmanager
+def redis_database() -> Iterator[str]:
+    """The URL of a Redis database from 6-10 that no other test holds, flushed."""
+    lock_dir = Path(tempfile.gettempdir())
+    while True:
+        for number in REDIS_DATABASES:
+            lock = (lock_dir / f"keymeai-test-redis-{number}.lock").open("a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                continue
+            url = f"{REDIS_URL}/{number}"
+            client = redis.Redis.from_url(url)
+            try:
+                client.flushdb()
+                yield url
+            finally:
+                client.flushdb()
+                client.close()
+                lock.close()
+            return
+        # All five are held by concurrent runs: wait for the first.
+        with (lock_dir / f"keymeai-test-redis-{REDIS_DATABASES[0]}.lock").open("a") as first:
+            fcntl.flock(first, fcntl.LOCK_EX)
