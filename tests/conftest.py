@@ -50,7 +50,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture
 def database_backend(request: pytest.FixtureRequest) -> str:
-    """"sqlite" or "postgres": the parameter of a both_databases test, else --database."""
+    """The backend: a both_databases test's parameter, else --database (sqlite/postgres)."""
     backend: str = getattr(request, "param", None) or request.config.getoption("--database")
     return backend
 
