@@ -22,6 +22,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import metrics
 from .config import Config, Provider, Upstream
 from .errors import ApiError, invalid
 from .metering import Meter
@@ -148,9 +149,11 @@ class Router:
             if not provider.api_key or not breaker.allow(time.monotonic()):
                 continue
             meter.attempt(upstream)
+            started = time.monotonic()
             try:
                 opened = self._attempt(provider, upstream, chat)
             except _Unavailable as exc:
+                metrics.upstream_failed_over(upstream.provider, str(exc))
                 breaker.failed(time.monotonic())
                 log.warning(
                     "upstream %s/%s unavailable: %s",
@@ -170,6 +173,7 @@ class Router:
                     extra={"request_id": request_id},
                 )
                 raise
+            metrics.UPSTREAM_LATENCY.labels(upstream.provider).observe(time.monotonic() - started)
             breaker.succeeded()
             return opened
         raise ApiError(

@@ -14,7 +14,10 @@ import contextlib
 import fcntl
 import functools
 import os
+import shutil
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -146,3 +149,35 @@ def redis_database() -> Iterator[str]:
         # All five are held by concurrent runs: wait for the first.
         with (lock_dir / f"keymeai-test-redis-{REDIS_DATABASES[0]}.lock").open("a") as first:
             fcntl.flock(first, fcntl.LOCK_EX)
+
+
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, which the test may stop."""
+
+    def __init__(self, directory: Path, port: int, *extra: str) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/6"
+        self.process = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra],
+            cwd=directory,
+            stdout=subprocess.DEVNULL,
+        )
+
+    def wait_ready(self, client: redis.Redis, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
