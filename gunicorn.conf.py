@@ -45,6 +45,10 @@ max_requests = 20_000
 max_requests_jitter = 2_000
 accesslog = None  # the gateway logs each completion itself, as JSON
 errorlog = "-"
+# gunicorn >= 25 opens a control socket at ~/.gunicorn/gunicorn.ctl by default: one path
+# for every instance of a user (they would replace each other's), and a service user may
+# have no home. systemd or the platform restarts and scales the gateway instead.
+control_socket_disable = True
 
 
 def on_starting(server):

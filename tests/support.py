@@ -185,14 +185,14 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env = {
-            **os.environ,
+            **inherited,
             **PROVIDER_ENV,
             "KEYMEAI_CONFIG": str(config_path),
             "PORT": str(self.port),
             **(env or {}),
         }
-        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.args = args or []
         self.process: subprocess.Popen[bytes] | None = None
 
