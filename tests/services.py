@@ -152,21 +152,47 @@ def redis_database() -> Iterator[str]:
 
 
 class PrivateRedis:
-    """A redis-server of the test's own on a free port, which the test may stop."""
+    """A redis-server of the test's own on a free port, which the test may stop.
 
-    def __init__(self, directory: Path, port: int, *extra: str) -> None:
+    `tls` serves TLS only, with a fresh self-signed certificate (`cert_path`), as
+    hosted Redis add-ons do behind rediss:// URLs.
+    """
+
+    def __init__(self, directory: Path, port: int, tls: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed")
         self.port = port
-        self.url = f"redis://127.0.0.1:{port}/6"
+        self.cert_path = directory / "redis-cert.pem"
+        if tls:
+            key_path = directory / "redis-key.pem"
+            openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+            subprocess.run(
+                [
+                    *openssl.split(),
+                    *["-addext", "subjectAltName=IP:127.0.0.1"],
+                    *["-keyout", str(key_path), "-out", str(self.cert_path)],
+                ],
+                check=True,
+                capture_output=True,
+            )
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+            listen += ["--tls-cert-file", str(self.cert_path), "--tls-key-file", str(key_path)]
+            listen += ["--tls-ca-cert-file", str(self.cert_path)]
+        else:
+            listen = ["--port", str(port)]
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{port}/6"
         self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra],
+            [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *listen],
             cwd=directory,
             stdout=subprocess.DEVNULL,
         )
 
-    def wait_ready(self, client: redis.Redis, timeout: float = 10) -> None:
+    def client(self, url: str | None = None) -> redis.Redis:
+        return redis.Redis.from_url(url or self.url, socket_connect_timeout=2)
+
+    def wait_ready(self, url: str | None = None, timeout: float = 10) -> None:
+        client = self.client(url)
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -176,6 +202,8 @@ class PrivateRedis:
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
                 time.sleep(0.05)
+            finally:
+                client.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import requests
 
 from tests import services
@@ -60,10 +59,9 @@ def test_readyz_is_503_once_the_postgres_database_is_gone(
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[services.PrivateRedis]:
     """A redis-server of this test's own, so that the test can stop it."""
-    port = free_port()
-    server = services.PrivateRedis(tmp_path, port, "--port", str(port))
+    server = services.PrivateRedis(tmp_path, free_port())
     try:
-        server.wait_ready(redis.Redis(port=port))
+        server.wait_ready()
         yield server
     finally:
         server.stop()
