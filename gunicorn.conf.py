@@ -52,7 +52,12 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse a layout that would silently multiply the limits; start metrics afresh."""
+    """Refuse layouts that would silently lose data or multiply limits; reset metrics."""
+    if os.environ.get("DYNO") and _config.database_url.startswith("sqlite"):
+        sys.exit(
+            "keymeai: a Heroku-style dyno has an ephemeral disk: a SQLite ledger would lose "
+            "every usage record at the next restart. Attach PostgreSQL (DATABASE_URL)."
+        )
     if _memory_limits and server.cfg.workers > 1:
         sys.exit(
             f"keymeai: ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "

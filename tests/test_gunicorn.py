@@ -84,6 +84,22 @@ def test_memory_limits_with_several_workers_are_refused(
     assert "memory:// but 2 workers" in result.stderr
 
 
+def test_a_dyno_refuses_a_sqlite_ledger(config_data: dict[str, Any], tmp_path: Path) -> None:
+    """Ephemeral disk: the ledger would vanish at the next restart."""
+    config_data["database"]["url"] = f"sqlite:///{tmp_path / 'dyno.db'}"
+    env = cli_env(config_data, tmp_path, PORT="0", DYNO="web.1")
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "ephemeral disk" in result.stderr and "DATABASE_URL" in result.stderr
+
+
 def test_settings_resolve_as_documented(config_data: dict[str, Any], tmp_path: Path) -> None:
     env = cli_env(config_data, tmp_path, PORT="5123", WEB_CONCURRENCY="1")
     result = subprocess.run(
