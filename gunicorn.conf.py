@@ -14,17 +14,32 @@ import tempfile
 # prometheus-client chooses per-process files or plain memory when it is first imported,
 # which is by `keymeai` just below, in this master process, whose forks are the workers:
 # the directory must be in the environment before that.
-_own_metrics_dir = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-if _own_metrics_dir:
+# A directory made here is removed at exit; the marker survives gunicorn re-reading this
+# file (on SIGHUP), when the variable is already set.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keymeai-metrics-")
+    os.environ["KEYMEAI_OWN_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
 os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 from keymeai.config import ConfigError, load_config  # noqa: E402
 
+
+def _remove_own_metrics_dir() -> None:
+    """Remove the metrics directory made above (not one the operator chose)."""
+    own = os.environ.get("KEYMEAI_OWN_METRICS_DIR")
+    if own and own == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _refuse(message: str) -> None:
+    _remove_own_metrics_dir()
+    sys.exit(f"keymeai: {message}")
+
+
 try:
     _config = load_config()
 except ConfigError as exc:
-    sys.exit(f"keymeai: {exc}")
+    _refuse(str(exc))
 _memory_limits = _config.ratelimit.storage_uri.startswith("memory")
 
 bind = [f"0.0.0.0:{os.environ['PORT']}"] if os.environ.get("PORT") else ["127.0.0.1:8000"]
@@ -54,13 +69,13 @@ control_socket_disable = True
 def on_starting(server):
     """Refuse layouts that would silently lose data or multiply limits; reset metrics."""
     if os.environ.get("DYNO") and _config.database_url.startswith("sqlite"):
-        sys.exit(
-            "keymeai: a Heroku-style dyno has an ephemeral disk: a SQLite ledger would lose "
-            "every usage record at the next restart. Attach PostgreSQL (DATABASE_URL)."
+        _refuse(
+            "a Heroku-style dyno has an ephemeral disk: a SQLite ledger would lose every "
+            "usage record at the next restart. Attach PostgreSQL (DATABASE_URL)."
         )
     if _memory_limits and server.cfg.workers > 1:
-        sys.exit(
-            f"keymeai: ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "
+        _refuse(
+            f"ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "
             "were asked for: each worker would count limits separately. Set REDIS_URL (or "
             "RATELIMIT_STORAGE_URI) to share limits, or run one worker (WEB_CONCURRENCY=1)."
         )
@@ -78,5 +93,4 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
-    if _own_metrics_dir:
-        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+    _remove_own_metrics_dir()

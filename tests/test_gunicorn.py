@@ -68,40 +68,41 @@ def test_port_and_web_concurrency_are_honoured(
     assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
 
-def test_memory_limits_with_several_workers_are_refused(
-    config_data: dict[str, Any], tmp_path: Path
-) -> None:
-    env = cli_env(config_data, tmp_path, PORT="0", WEB_CONCURRENCY="2")
+def refused_start(
+    config: dict[str, Any], tmp_path: Path, **env: str
+) -> subprocess.CompletedProcess[str]:
+    """Start gunicorn expecting a refusal: it exits non-zero and leaves no metrics dir."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
         cwd=ROOT,
-        env=env,
+        env=cli_env(config, tmp_path, PORT="0", TMPDIR=str(temp), **env),
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert result.returncode != 0
+    assert list(temp.iterdir()) == []
+    return result
+
+
+def test_memory_limits_with_several_workers_are_refused(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    result = refused_start(config_data, tmp_path, WEB_CONCURRENCY="2")
     assert "memory:// but 2 workers" in result.stderr
 
 
 def test_a_dyno_refuses_a_sqlite_ledger(config_data: dict[str, Any], tmp_path: Path) -> None:
     """Ephemeral disk: the ledger would vanish at the next restart."""
     config_data["database"]["url"] = f"sqlite:///{tmp_path / 'dyno.db'}"
-    env = cli_env(config_data, tmp_path, PORT="0", DYNO="web.1")
-    result = subprocess.run(
-        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode != 0
+    result = refused_start(config_data, tmp_path, DYNO="web.1")
     assert "ephemeral disk" in result.stderr and "DATABASE_URL" in result.stderr
 
 
 def test_settings_resolve_as_documented(config_data: dict[str, Any], tmp_path: Path) -> None:
-    env = cli_env(config_data, tmp_path, PORT="5123", WEB_CONCURRENCY="1")
+    env = cli_env(config_data, tmp_path, PORT="5123", WEB_CONCURRENCY="1", TMPDIR=str(tmp_path))
     result = subprocess.run(
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config", "app:app"],
         cwd=ROOT,
