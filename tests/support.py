@@ -212,8 +212,8 @@ class Gunicorn:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or a worker still booting on a busy machine
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()[-3000:]}")

@@ -106,7 +106,7 @@ def wait_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> 
         try:
             if requests.get(f"{url}/healthz", timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):
             pass
         time.sleep(0.1)
     raise AssertionError(f"web did not start: {log_path.read_text()[-3000:]}")
