@@ -54,12 +54,15 @@ def upstream_failed_over(provider: str, detail: str) -> None:
     ended before ..."); only its kind becomes a label, never provider-chosen text.
     """
     status = _HTTP_STATUS.match(detail)
+    head = detail.split(":", 1)[0]
     if status:
         reason = f"http_{status.group(1)}"
-    elif detail.isidentifier():
-        reason = detail  # a requests exception class name: ConnectTimeout, ReadTimeout...
     elif detail.startswith("stream ended"):
         reason = "stream_ended"
+    elif detail.startswith("body read failed"):
+        reason = "body_read_failed"
+    elif head.isidentifier():
+        reason = head  # an exception class name: ConnectTimeout, ConnectionError...
     else:
         reason = "other"
     FAILOVERS.labels(provider, reason).inc()

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
+from keymeai import metrics
 from tests import services
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
@@ -175,3 +177,26 @@ def chat_stream(gateway: Gateway, key: str, body: dict[str, Any]) -> requests.Re
         stream=True,
         timeout=30,
     )
+
+
+@pytest.mark.parametrize(
+    ("detail", "reason"),
+    [
+        ("HTTP 503 server_overloaded", "http_503"),
+        ("HTTP 429", "http_429"),
+        ("ConnectTimeout", "ConnectTimeout"),
+        ("ConnectionError: NewConnectionError: ConnectionRefusedError", "ConnectionError"),
+        ("stream ended before its first event: UpstreamEnded", "stream_ended"),
+        ("body read failed: ChunkedEncodingError", "body_read_failed"),
+        ("anything a provider says, <script>", "other"),
+    ],
+)
+def test_failover_reasons_are_a_bounded_set(detail: str, reason: str) -> None:
+    before = REGISTRY.get_sample_value(
+        "keymeai_upstream_failures_total", {"provider": "p", "reason": reason}
+    )
+    metrics.upstream_failed_over("p", detail)
+    after = REGISTRY.get_sample_value(
+        "keymeai_upstream_failures_total", {"provider": "p", "reason": reason}
+    )
+    assert after == (before or 0) + 1
