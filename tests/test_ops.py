@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from tests import services
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.metrics_support import scrape, value
-from tests.support import add_model, add_provider, free_port
+from tests.support import UPSTREAM_KEY, add_model, add_provider, free_port
 
 ADMIN_TOKEN = "admin-secret-0123456789"
 CHAT = "/v1/chat/completions"
@@ -119,9 +120,11 @@ def test_metrics_count_requests_tokens_latency_failovers_and_rejections(
     add_provider(config_data, "down", f"{upstream.url}/deepseek/503/v1")
     add_model(config_data, "fallback-chat", [("down", "x"), ("deepseek", "deepseek-chat")])
     config_data["tiers"]["tiny"] = {"requests": ["2 per hour"]}
+    config_data["tiers"]["sip"] = {"requests": ["100 per hour"], "tokens_per_month": 1}
     gateway = start_gateway()
     key = gateway.create_key("standard")
     tiny = gateway.create_key("tiny")
+    sip = gateway.create_key("sip")
     before = scrape(gateway.url)
 
     ok = chat(gateway, key)
@@ -129,6 +132,7 @@ def test_metrics_count_requests_tokens_latency_failovers_and_rejections(
     usage = ok.json()["usage"]
     assert chat(gateway, key, "fallback-chat").status_code == 200
     assert [chat(gateway, tiny).status_code for _ in range(3)] == [200, 200, 429]
+    assert [chat(gateway, sip).status_code for _ in range(2)] == [200, 429]  # 1 token a month
 
     after = scrape(gateway.url)
 
@@ -136,15 +140,27 @@ def test_metrics_count_requests_tokens_latency_failovers_and_rejections(
         return value(after, name, **labels) - value(before, name, **labels)
 
     ok_labels = {"status": "200", "outcome": "ok"}
-    assert delta("keymeai_requests_total", model="deepseek-chat", **ok_labels) == 3
+    assert delta("keymeai_requests_total", model="deepseek-chat", **ok_labels) == 4
     assert delta("keymeai_requests_total", model="fallback-chat", **ok_labels) == 1
-    assert delta("keymeai_tokens_total", kind="prompt") == 4 * usage["prompt_tokens"]
-    assert delta("keymeai_tokens_total", kind="completion") == 4 * usage["completion_tokens"]
-    assert delta("keymeai_upstream_latency_seconds_count", provider="deepseek") == 4
+    assert delta("keymeai_tokens_total", kind="prompt") == 5 * usage["prompt_tokens"]
+    assert delta("keymeai_tokens_total", kind="completion") == 5 * usage["completion_tokens"]
+    assert delta("keymeai_upstream_latency_seconds_count", provider="deepseek") == 5
     assert delta("keymeai_upstream_latency_seconds_count", provider="down") == 0
     assert delta("keymeai_upstream_failures_total", provider="down", reason="http_503") == 1
     assert delta("keymeai_upstream_failures_total", provider="deepseek") == 0
     assert delta("keymeai_limit_rejections_total", reason="requests") == 1
+    assert delta("keymeai_limit_rejections_total", reason="tokens") == 1
+
+
+def test_werkzeug_request_log_has_no_keys(
+    gateway: Gateway, key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG):
+        assert chat(gateway, key).status_code == 200
+        assert chat(gateway, key[:-2] + "zz").status_code == 401
+    assert "POST /v1/chat/completions" in caplog.text
+    for secret in (key, key[11:], key[:-2] + "zz", UPSTREAM_KEY, "Bearer"):
+        assert secret not in caplog.text
 
 
 def test_streams_in_flight_gauge_follows_a_stream(gateway: Gateway, key: str) -> None:
