@@ -27,7 +27,7 @@ from openai import OpenAI
 from keymeai import keys
 from tests.metrics_support import scrape, value
 from tests.processes import cli_env
-from tests.support import ROOT, UPSTREAM_KEY, Gunicorn, wait_for_records
+from tests.support import ROOT, UPSTREAM_KEY, Gunicorn, free_port, wait_for_records
 
 Start = Callable[..., Gunicorn]
 
@@ -278,3 +278,18 @@ def test_log_lines_are_json_with_request_context_and_no_secrets(
     assert "POST /v1/chat/completions" in log  # the access log is on
     for secret in (key, wrong_key, key[11:], UPSTREAM_KEY, "Bearer"):
         assert secret not in log
+
+
+def test_a_warning_logged_during_a_request_carries_its_request_id(
+    start_gunicorn: Start, config_data: dict[str, Any]
+) -> None:
+    config_data["ratelimit"]["storage_uri"] = f"redis://127.0.0.1:{free_port()}/6"  # down
+    server = start_gunicorn()
+    ready = requests.get(f"{server.url}/readyz", headers={"X-Request-Id": "probe-77"}, timeout=10)
+    assert ready.status_code == 503
+    deadline = time.monotonic() + 5
+    while not (warnings := [e for e in json_lines(server.log()) if "readiness" in e["message"]]):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    assert warnings[0]["message"].startswith("readiness: limiter storage unreachable")
+    assert warnings[0]["request_id"] == "probe-77"
