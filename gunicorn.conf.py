@@ -11,44 +11,78 @@ import shutil
 import sys
 import tempfile
 
-from keymeai.config import ConfigError, load_config
+# prometheus-client chooses per-process files or plain memory when it is first imported,
+# which is by `keymeai` just below, in this master process, whose forks are the workers:
+# the directory must be in the environment before that.
+# A directory made here is removed at exit; the marker survives gunicorn re-reading this
+# file (on SIGHUP), when the variable is already set.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keymeai-metrics-")
+    os.environ["KEYMEAI_OWN_METRICS_DIR"] = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+from keymeai.config import ConfigError, load_config  # noqa: E402
+
+
+def _remove_own_metrics_dir() -> None:
+    """Remove the metrics directory made above (not one the operator chose)."""
+    own = os.environ.get("KEYMEAI_OWN_METRICS_DIR")
+    if own and own == os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        shutil.rmtree(own, ignore_errors=True)
+
+
+def _refuse(message: str) -> None:
+    _remove_own_metrics_dir()
+    sys.exit(f"keymeai: {message}")
+
 
 try:
     _config = load_config()
 except ConfigError as exc:
-    sys.exit(f"keymeai: {exc}")
+    _refuse(str(exc))
 _memory_limits = _config.ratelimit.storage_uri.startswith("memory")
 
 bind = [f"0.0.0.0:{os.environ['PORT']}"] if os.environ.get("PORT") else ["127.0.0.1:8000"]
 # Memory limit storage is per process: one worker keeps the limits exact.
 workers = int(os.environ.get("WEB_CONCURRENCY") or (1 if _memory_limits else os.cpu_count() or 1))
 worker_class = "gthread"
+# A stream holds a thread for its whole length: threads bound the concurrent requests
+# of a worker (more wait in the accept queue).
 threads = int(os.environ.get("GUNICORN_THREADS", "256"))
 worker_connections = 2000
 keepalive = 5
 # SIGTERM: in-flight streams get this long to finish (Heroku kills at 30 s).
 graceful_timeout = 25
 timeout = 60
+# Recycle workers now and then (a leak cannot grow forever); the jitter keeps them
+# from all restarting at once.
 max_requests = 20_000
 max_requests_jitter = 2_000
-accesslog = None
+accesslog = None  # the gateway logs each completion itself, as JSON
 errorlog = "-"
+# gunicorn >= 25 opens a control socket at ~/.gunicorn/gunicorn.ctl by default: one path
+# for every instance of a user (they would replace each other's), and a service user may
+# have no home. systemd or the platform restarts and scales the gateway instead.
+control_socket_disable = True
 
 
 def on_starting(server):
-    """Refuse a layout that would silently multiply the limits; set up shared metrics."""
+    """Refuse layouts that would silently lose data or multiply limits; reset metrics."""
+    if os.environ.get("DYNO") and _config.database_url.startswith("sqlite"):
+        _refuse(
+            "a Heroku-style dyno has an ephemeral disk: a SQLite ledger would lose every "
+            "usage record at the next restart. Attach PostgreSQL (DATABASE_URL)."
+        )
     if _memory_limits and server.cfg.workers > 1:
-        sys.exit(
-            f"keymeai: ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "
+        _refuse(
+            f"ratelimit.storage_uri is memory:// but {server.cfg.workers} workers "
             "were asked for: each worker would count limits separately. Set REDIS_URL (or "
             "RATELIMIT_STORAGE_URI) to share limits, or run one worker (WEB_CONCURRENCY=1)."
         )
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if directory:
-        shutil.rmtree(directory, ignore_errors=True)
-        os.makedirs(directory, exist_ok=True)
-    else:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="keymeai-metrics-")
+    # Files of an earlier run (or of this master's imports) would be added to the totals.
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory, exist_ok=True)
 
 
 def child_exit(server, worker):
@@ -56,3 +90,7 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    _remove_own_metrics_dir()

@@ -201,7 +201,8 @@ def parse_config(
         raise ConfigError("gateway.key_cache_seconds: at most 5 (revocation must apply within 5 s)")
 
     db = root.section("database")
-    database_url = environ.get("DATABASE_URL") or db.take("url", str, "sqlite:///keymeai.db")
+    file_url = db.take("url", str, "sqlite:///keymeai.db")  # taken (and checked) either way
+    database_url = environ.get("DATABASE_URL") or file_url
     db.done()
     _check_database_url(database_url)
 

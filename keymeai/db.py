@@ -3,7 +3,10 @@
 `DATABASE_URL` may be sqlite:///, postgres:// or postgresql:// (Heroku's spelling);
 `playhouse.db_url` parses all three. Connections come from a pool, so a request that
 touches the ledger pays for a checkout, not for a connect, and no connection is tied to
-the thread (or greenlet) that happened to open it.
+the thread (or greenlet) that happened to open it. A worker holds at most
+`DATABASE_POOL_SIZE` connections (default 10) and a thread that finds them all busy
+waits for one: small hosted PostgreSQL plans allow only 20 connections in all, so
+instances x workers x pool size must stay below the plan's limit.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import logging
+import os
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +25,14 @@ from peewee import Database, DatabaseProxy, PostgresqlDatabase, SqliteDatabase
 from playhouse.db_url import connect
 from playhouse.migrations import Runner
 
+from .config import ConfigError
+
 log = logging.getLogger(__name__)
 
 db = DatabaseProxy()
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
-POOL_SIZE = 32
+POOL_SIZE = 10
 POOL_WAIT_SECONDS = 30
 SQLITE_PRAGMAS = {
     # WAL lets readers run beside the one writer; NORMAL syncs at checkpoints, which
@@ -48,7 +55,7 @@ def pooled_url(url: str) -> str:
 def open_database(url: str) -> Database:
     """Connect the process-wide `db` proxy to the ledger at `url`."""
     options: dict[str, Any] = {
-        "max_connections": POOL_SIZE,
+        "max_connections": pool_size(),
         "timeout": POOL_WAIT_SECONDS,
         "stale_timeout": 300,
         "autoconnect": False,
@@ -56,10 +63,20 @@ def open_database(url: str) -> Database:
     if url.startswith("sqlite"):
         options.update(pragmas=SQLITE_PRAGMAS, check_same_thread=False)
     else:
-        options.update(unquote_password=True)
+        # Credentials in a URL are percent-encoded (a "/" or "@" in a password).
+        options.update(unquote_password=True, unquote_user=True)
     database = connect(pooled_url(url), **options)
     db.initialize(database)
     return database
+
+
+def pool_size() -> int:
+    raw = os.environ.get("DATABASE_POOL_SIZE", "")
+    if not raw:
+        return POOL_SIZE
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"DATABASE_POOL_SIZE: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def is_sqlite() -> bool:
@@ -93,14 +110,24 @@ def connection() -> Iterator[None]:
         db.close()
 
 
+_applied_here: weakref.WeakKeyDictionary[Database, list[str]] = weakref.WeakKeyDictionary()
+
+
 def upgrade() -> list[str]:
-    """Apply pending schema migrations; idempotent and safe to run concurrently."""
+    """Apply pending schema migrations; idempotent and safe to run concurrently.
+
+    Returns every migration this process has applied, not only in this call:
+    `create_app()` upgrades at start-up, so by the time `flask db upgrade` runs its
+    command the work is done, and the command should still say what it did.
+    """
     database = db.obj
     with connection(), _migration_lock(database):
         applied: list[str] = Runner(database, directory=str(MIGRATIONS_DIR)).up()
     for name in applied:
         log.info("applied migration %s", name)
-    return applied
+    done = _applied_here.setdefault(database, [])
+    done.extend(applied)
+    return list(done)
 
 
 @contextmanager

@@ -1,7 +1,9 @@
 """Logging as one JSON object per line, with the request's context fields.
 
 Log lines carry the request id, the key id (never the key), model, upstream, status,
-latency and tokens, passed as `extra=`; a log shipper can index them as they are.
+latency and tokens, passed as `extra=`; a log shipper can index them as they are. Any
+line logged while a request is served gets that request's id, so a warning deep in
+the code can be matched with the `x-request-id` a customer reports.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import logging
 import os
 import sys
+
+from flask import g, has_app_context
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -31,6 +35,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class RequestId(logging.Filter):
+    """Stamp a line logged while a request is served with that request's id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "request_id") and has_app_context():
+            request_id = g.get("request_id")
+            if request_id:
+                record.request_id = request_id
+        return True
+
+
 def configure() -> None:
     """Send the gateway's logs to stderr as JSON (LOG_LEVEL sets the level)."""
     logger = logging.getLogger("keymeai")
@@ -38,6 +53,7 @@ def configure() -> None:
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(RequestId())
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     logger.propagate = False

@@ -8,6 +8,7 @@ merges them; otherwise the process's own registry is served.
 from __future__ import annotations
 
 import os
+import re
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,8 @@ from prometheus_client import (
 
 from .billing import Usage
 
+_HTTP_STATUS = re.compile(r"HTTP ([1-5][0-9][0-9])\b")
+
 REQUESTS = Counter(
     "keymeai_requests",
     "Chat completion requests by model, status and outcome.",
@@ -30,7 +33,8 @@ REQUESTS = Counter(
 TOKENS = Counter("keymeai_tokens", "Tokens metered, by model and kind.", ["model", "kind"])
 UPSTREAM_LATENCY = Histogram(
     "keymeai_upstream_latency_seconds",
-    "Time from forwarding a request to the upstream's first answer.",
+    "Time from forwarding a request to an upstream until its answer can be relayed: "
+    "the first event of a stream, the whole body otherwise.",
     ["provider"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
@@ -41,6 +45,27 @@ REJECTIONS = Counter("keymeai_limit_rejections", "Requests refused by a limit.",
 STREAMS = Gauge(
     "keymeai_streams_in_flight", "Streams being relayed now.", multiprocess_mode="livesum"
 )
+
+
+def upstream_failed_over(provider: str, detail: str) -> None:
+    """Count an attempt that moved on to the next upstream, by a bounded reason.
+
+    The detail is the router's text ("HTTP 503 overloaded", "ConnectTimeout", "stream
+    ended before ..."); only its kind becomes a label, never provider-chosen text.
+    """
+    status = _HTTP_STATUS.match(detail)
+    head = detail.split(":", 1)[0]
+    if status:
+        reason = f"http_{status.group(1)}"
+    elif detail.startswith("stream ended"):
+        reason = "stream_ended"
+    elif detail.startswith("body read failed"):
+        reason = "body_read_failed"
+    elif head.isidentifier():
+        reason = head  # an exception class name: ConnectTimeout, ConnectionError...
+    else:
+        reason = "other"
+    FAILOVERS.labels(provider, reason).inc()
 
 
 def request_finished(model: str, status: int, outcome: str, usage: Usage) -> None:

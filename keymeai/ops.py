@@ -66,10 +66,13 @@ def _ledger_ok() -> bool:
 
 def _limiter_ok() -> bool:
     try:
-        return bool(gateway.current().limiter.storage.check())
+        ok = bool(gateway.current().limiter.storage.check())  # False when Redis is down
+        problem = "no answer"
     except Exception as exc:  # noqa: BLE001
-        log.warning("readiness: limiter storage unreachable: %s", type(exc).__name__)
-        return False
+        ok, problem = False, type(exc).__name__
+    if not ok:
+        log.warning("readiness: limiter storage unreachable: %s", problem)
+    return ok
 
 
 @bp.get("/metrics")

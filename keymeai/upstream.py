@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import requests
 from requests.adapters import HTTPAdapter
 
+from . import metrics
 from .config import Config, Provider, Upstream
 from .errors import ApiError, invalid
 from .metering import Meter
@@ -194,9 +195,11 @@ class Router:
                 continue
             meter.attempt(upstream)
             attempt = Attempt(upstream, breaker, meter.request_id)
+            started = time.monotonic()
             try:
                 opened = self._attempt(provider, attempt, chat)
             except _Unavailable as exc:
+                metrics.upstream_failed_over(upstream.provider, str(exc))
                 attempt.failed("unavailable", str(exc))
                 continue
             except UpstreamModelError as exc:
@@ -205,6 +208,7 @@ class Router:
             except ApiError:
                 attempt.succeeded()  # it answered: the request was at fault, not the upstream
                 raise
+            metrics.UPSTREAM_LATENCY.labels(upstream.provider).observe(time.monotonic() - started)
             if opened.events is None:
                 attempt.succeeded()
             return opened

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,74 @@ from openai import OpenAI
 
 from keymeai import create_app, db, keys
 from keymeai.config import Config, parse_config
+from tests import services
 from tests.fake_upstream import FakeUpstream
 from tests.support import PROVIDER_ENV, Gunicorn, LiveServer, base_config, write_toml
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--database",
+        choices=BACKENDS,
+        default=os.environ.get("KEYMEAI_TEST_DATABASE", "sqlite"),
+        help="the ledger backend of every test (default: $KEYMEAI_TEST_DATABASE or sqlite); "
+        "tests marked both_databases run on both whatever this says",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run the tests marked `both_databases` once per ledger backend."""
+    if "database_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_databases"
+    ):
+        metafunc.parametrize(
+            "database_backend",
+            [pytest.param("sqlite"), pytest.param("postgres", marks=pytest.mark.postgres)],
+            indirect=True,
+        )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("postgres"):
+        services.require_postgres()
+    if item.get_closest_marker("redis"):
+        services.require_redis()
+
+
+@pytest.fixture
+def database_backend(request: pytest.FixtureRequest) -> str:
+    """The backend: a both_databases test's parameter, else --database (sqlite/postgres)."""
+    backend: str = getattr(request, "param", None) or request.config.getoption("--database")
+    return backend
+
+
+@pytest.fixture
+def database_url(database_backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty ledger: a SQLite file in tmp_path or a new PostgreSQL database."""
+    if database_backend == "postgres":
+        services.require_postgres()
+        with services.postgres_database() as url:
+            yield url
+            _close_pool()
+        return
+    yield f"sqlite:///{tmp_path / 'ledger.db'}"
+    _close_pool()
+
+
+def _close_pool() -> None:
+    """Close this process's ledger connections so nothing holds the test's database."""
+    if db.db.obj is not None:
+        db.db.obj.close_all()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A flushed Redis database (one of 1-10) held by this test alone."""
+    services.require_redis()
+    with services.redis_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -30,9 +97,9 @@ def upstream(fake: FakeUpstream) -> FakeUpstream:
 
 
 @pytest.fixture
-def config_data(upstream: FakeUpstream, tmp_path: Path) -> dict[str, Any]:
+def config_data(upstream: FakeUpstream, database_url: str) -> dict[str, Any]:
     """The gateway config as a dict; tests edit it before the gateway starts."""
-    return base_config(upstream.url, f"sqlite:///{tmp_path / 'ledger.db'}")
+    return base_config(upstream.url, database_url)
 
 
 def build_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -114,36 +181,6 @@ def start_gunicorn(
     yield start
     for server in started:
         server.stop()
-
-
-REDIS_TEST_DBS = range(1, 6)  # the Redis databases tests may use (and flush)
-
-
-@pytest.fixture
-def redis_url(request: pytest.FixtureRequest) -> str:
-    """A flushed database of the local Redis: `redis://127.0.0.1:6379/<db>`.
-
-    The database is 1 unless the test says `@pytest.mark.redis(db=N)` (N in 1..5). When
-    Redis is unreachable the test is skipped, or fails if KEYMEAI_REQUIRE_SERVICES=1.
-    """
-    import os
-
-    import redis
-
-    marker = request.node.get_closest_marker("redis")
-    number = marker.kwargs.get("db", 1) if marker else 1
-    assert number in REDIS_TEST_DBS, f"tests use Redis databases 1-5, not {number}"
-    url = f"redis://127.0.0.1:6379/{number}"
-    client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.flushdb()
-    except redis.RedisError as exc:
-        if os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"Redis at {url} is required (KEYMEAI_REQUIRE_SERVICES=1): {exc}")
-        pytest.skip(f"Redis at {url} is unreachable: {exc}")
-    finally:
-        client.close()
-    return url
 
 
 @pytest.fixture

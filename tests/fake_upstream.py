@@ -285,6 +285,9 @@ class _Server(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver's default backlog of 5 drops connections (the client sees a connect
+    # timeout) when a load test opens dozens at once on a busy machine.
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], fake: FakeUpstream) -> None:
         super().__init__(address, _Handler)

@@ -185,14 +185,14 @@ class Gunicorn:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         self.env = {
-            **os.environ,
+            **inherited,
             **PROVIDER_ENV,
             "KEYMEAI_CONFIG": str(config_path),
             "PORT": str(self.port),
             **(env or {}),
         }
-        self.env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.args = args or []
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -212,8 +212,8 @@ class Gunicorn:
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
-            except requests.ConnectionError:
-                pass
+            except (requests.ConnectionError, requests.Timeout):
+                pass  # not listening yet, or a worker still booting on a busy machine
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()[-3000:]}")

@@ -124,6 +124,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("database_backend", ["sqlite"], indirect=True)  # reads the file
 def test_create_prints_the_key_once_and_stores_only_its_hash(
     cli: Cli, gateway: Gateway, config_data: dict[str, Any]
 ) -> None:
@@ -320,11 +321,6 @@ def test_db_upgrade_is_idempotent_and_safe_concurrently(
     assert again == schema
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py parse_config: with DATABASE_URL set, database.url is never taken "
-    "from the section, so db.done() fails with 'database.url: unknown key'",
-)
 def test_database_url_environment_wins(cli: Cli, tmp_path: Path) -> None:
     other = tmp_path / "from-env.db"
     command = ["keys", "create", "--name", "env", "--tier", "free"]

@@ -53,7 +53,6 @@ def storage(data: dict[str, Any], uri: str, on_error: str = "allow") -> dict[str
     return data
 
 
-@pytest.mark.redis(db=1)
 def test_two_instances_share_one_exact_limit_and_quota(
     start_gunicorn: Callable[..., Gunicorn],
     config_data: dict[str, Any],

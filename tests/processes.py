@@ -1,0 +1,43 @@
+"""Operator commands as subprocesses: `flask --app app ...` as an operator types it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tests.support import PROVIDER_ENV, ROOT, write_toml
+
+# Variables of the test runner's own environment that must not leak into a command.
+OVERRIDES = {"DATABASE_URL", "REDIS_URL", "RATELIMIT_STORAGE_URI", "PROMETHEUS_MULTIPROC_DIR"}
+
+
+def cli_env(config: dict[str, Any], directory: Path, **extra: str) -> dict[str, str]:
+    """The environment of a command run on `config` (written to `directory`)."""
+    path = write_toml(config, directory / "cli-config.toml")
+    inherited = {k: v for k, v in os.environ.items() if k not in OVERRIDES}
+    return {**inherited, **PROVIDER_ENV, "KEYMEAI_CONFIG": str(path), **extra}
+
+
+def flask_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flask", "--app", "app", *args]
+
+
+def flask_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run `flask --app app ARGS` from the repository root; output captured as text."""
+    return subprocess.run(
+        flask_command(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start_flask(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        flask_command(*args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
