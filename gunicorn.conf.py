@@ -85,6 +85,24 @@ def on_starting(server):
     os.makedirs(directory, exist_ok=True)
 
 
+def post_worker_init(worker):
+    """On SIGTERM, give streams most of the grace period to finish, then end the rest
+    cleanly (an error event, a usage record) before the master kills the worker."""
+    import signal
+
+    from keymeai.relay import interrupt_streams_in
+
+    stop = signal.getsignal(signal.SIGTERM)
+    grace = worker.cfg.graceful_timeout
+
+    def on_sigterm(signum, frame):
+        interrupt_streams_in(grace - min(5.0, grace / 2))
+        if callable(stop):
+            stop(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges must not count any more."""
     from prometheus_client import multiprocess

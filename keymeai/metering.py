@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 WRITE_ATTEMPTS = 5
 # Outcomes after which the client received (part of) an answer: billed, estimated if need be.
-DELIVERED = {"ok", "client_closed", "upstream_failed"}
+DELIVERED = {"ok", "client_closed", "upstream_failed", "interrupted"}
 
 
 def _count(value: Any) -> int | None:

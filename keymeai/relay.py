@@ -13,6 +13,7 @@ import logging
 import queue
 import select
 import socket
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,20 +30,43 @@ PING = b": ping\n\n"
 IDLE_TICK = 0.5  # how often an idle stream looks for a client that hung up
 DONE = b"data: [DONE]\n\n"
 DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
-# What a client sees when the upstream dies mid-stream: OpenAI's error shape, which the
-# openai SDK raises as an APIError.
-STREAM_FAILED = (
-    b"event: error\ndata: "
-    + json.dumps(
-        ApiError(
-            500,
-            "The upstream model stopped responding before the answer was complete.",
-            type="server_error",
-            code="upstream_stream_failed",
-        ).body()
-    ).encode()
-    + b"\n\n"
+
+
+def _error_event(message: str, code: str) -> bytes:
+    """An SSE `error` event in OpenAI's error shape, which the openai SDK raises as an
+    APIError."""
+    body = ApiError(500, message, type="server_error", code=code).body()
+    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
+
+
+STREAM_FAILED = _error_event(
+    "The upstream model stopped responding before the answer was complete.",
+    "upstream_stream_failed",
 )
+STREAM_INTERRUPTED = _error_event(
+    "The gateway is restarting and had to end this answer early. Please retry.",
+    "server_shutting_down",
+)
+
+# Streams being relayed by this process, so that a worker shutting down can end them
+# (and meter them) before it is killed.
+_streams: set[ChunkRelay] = set()
+_streams_lock = threading.Lock()
+
+
+def interrupt_streams_in(seconds: float) -> None:
+    """End every stream still running `seconds` from now, each metered and closed with an
+    error event: called when the worker is asked to stop, ahead of its hard deadline."""
+    timer = threading.Timer(seconds, _interrupt_all)
+    timer.daemon = True
+    timer.start()
+
+
+def _interrupt_all() -> None:
+    with _streams_lock:
+        streams = list(_streams)
+    for stream in streams:
+        stream.interrupt()
 
 
 class _BrokenChunk(Exception):
@@ -117,6 +141,7 @@ class ChunkRelay:
         self.idle = 0.0
         self.saw_done = False
         self.saw_finish = False
+        self.interrupted = False
 
     def frame(self, event: bytes | None) -> bytes | None:
         """The bytes to send for one upstream event (None: nothing to send)."""
@@ -153,6 +178,8 @@ class ChunkRelay:
         that reads its usage right after `[DONE]` finds it in the ledger.
         """
         metrics.STREAMS.inc()
+        with _streams_lock:
+            _streams.add(self)
         try:
             data, end = first, None
             while not self.saw_done:
@@ -163,6 +190,10 @@ class ChunkRelay:
                     break
             if isinstance(end, _ClientGone):
                 return  # metered as client_closed on the way out
+            if self.interrupted:
+                self.meter.finish(200, "interrupted")
+                yield STREAM_INTERRUPTED
+                return
             if self.saw_done:
                 self.events.wait_end(DONE_GRACE)  # so its connection goes back to the pool
             if self.saw_done or (self.saw_finish and isinstance(end, UpstreamEnded)):
@@ -175,6 +206,8 @@ class ChunkRelay:
                 self.attempt.failed("failed mid-stream", reason)
                 yield STREAM_FAILED
         finally:
+            with _streams_lock:
+                _streams.discard(self)
             metrics.STREAMS.dec()
             self.close()
 
@@ -197,6 +230,11 @@ class ChunkRelay:
             return self.frame(event), None
         except _BrokenChunk as exc:
             return None, UpstreamFailed(str(exc))
+
+    def interrupt(self) -> None:
+        """Cut the stream short (the worker is stopping): wakes the relay loop."""
+        self.interrupted = True
+        self.events.close()
 
     def close(self) -> None:
         """Stop reading and meter once: the end of every stream, and the backstop for a
