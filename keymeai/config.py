@@ -79,6 +79,7 @@ class GatewaySettings:
 class RateLimitSettings:
     storage_uri: str = "memory://"
     on_storage_error: str = "allow"
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def parse_config(
     on_error = rl.take("on_storage_error", str, "allow")
     if on_error not in ("allow", "deny"):
         raise ConfigError('ratelimit.on_storage_error: must be "allow" or "deny"')
+    tls_verify = rl.take("tls_verify", bool, True)
     rl.done()
     if urlsplit(storage_uri).scheme not in ("memory", "redis", "rediss", "redis+sentinel"):
         raise ConfigError(
@@ -245,7 +247,7 @@ def parse_config(
     return Config(
         database_url=database_url,
         gateway=gateway,
-        ratelimit=RateLimitSettings(storage_uri=storage_uri, on_storage_error=on_error),
+        ratelimit=RateLimitSettings(storage_uri, on_error, tls_verify),
         quota=quota,
         routing=routing,
         tiers=tiers,

@@ -25,7 +25,7 @@ from limits.strategies import STRATEGIES, FixedWindowRateLimiter
 from limits.util import WindowStats
 
 from . import metrics
-from .config import Config, Tier
+from .config import Config, RateLimitSettings, Tier
 from .errors import ApiError
 from .keys import KeyInfo
 
@@ -144,6 +144,16 @@ def retry_after(reset_at: float, now: float) -> int:
     return max(1, math.ceil(reset_at - now))
 
 
+def storage_options(settings: RateLimitSettings) -> dict[str, Any]:
+    """Options for the Redis client; `tls_verify = false` accepts a self-signed
+    certificate, as hosted Redis add-ons (Heroku's) present on rediss:// URLs."""
+    if settings.storage_uri.startswith("memory"):
+        return {}
+    if settings.storage_uri.startswith("rediss") and not settings.tls_verify:
+        return {**REDIS_OPTIONS, "ssl_cert_reqs": "none"}
+    return REDIS_OPTIONS
+
+
 def init_app(app: Flask, config: Config) -> Limiter:
     """Attach a Flask-Limiter to the app and put the per-key limit on the chat route."""
     settings = config.ratelimit
@@ -151,7 +161,7 @@ def init_app(app: Flask, config: Config) -> Limiter:
     limiter = Limiter(
         key_func=limit_key,
         storage_uri=settings.storage_uri,
-        storage_options={} if settings.storage_uri.startswith("memory") else REDIS_OPTIONS,
+        storage_options=storage_options(settings),
         strategy=STRATEGY,
         headers_enabled=False,  # OpenAI's header names are added below
         in_memory_fallback_enabled=fail_open,

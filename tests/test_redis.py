@@ -104,3 +104,15 @@ def test_rediss_with_an_unverifiable_certificate_is_not_ready(
     ready = requests.get(f"{gateway.url}/readyz", timeout=10)
     assert ready.status_code == 503
     assert ready.json()["checks"]["ratelimit_storage"] is False
+
+
+def test_tls_verify_false_accepts_a_self_signed_redis_url_as_given(
+    start_gateway: Callable[..., Gateway],
+    tiny_tier: dict[str, Any],
+    tls_redis: services.PrivateRedis,
+) -> None:
+    """Heroku's REDIS_URL as it comes (no query string): `tls_verify = false` is enough."""
+    tiny_tier["ratelimit"]["tls_verify"] = False
+    gateway = start_gateway(env={"REDIS_URL": tls_redis.url})
+    assert requests.get(f"{gateway.url}/readyz", timeout=10).status_code == 200
+    assert chat_statuses(gateway, gateway.create_key("tiny"), 3) == [200, 200, 429]
