@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,8 +14,20 @@ from openai import OpenAI
 from keymeai import create_app, db, keys
 from keymeai.config import Config, parse_config
 from tests import services
+from tests.checks import SMALL_BODY_LIMIT, Api
 from tests.fake_upstream import FakeUpstream
-from tests.support import PROVIDER_ENV, Gunicorn, LiveServer, base_config, write_toml
+from tests.support import (
+    FAST_TIMEOUTS,
+    PROVIDER_ENV,
+    ROUTED_MODEL,
+    Blackhole,
+    Gunicorn,
+    LiveServer,
+    Routed,
+    add_route,
+    base_config,
+    write_toml,
+)
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -190,8 +203,6 @@ def gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCapture
     The `keymeai` logger does not propagate to the root, so caplog's handler is hung on it
     directly; other libraries' lines reach caplog through the root logger.
     """
-    import logging
-
     logger = logging.getLogger("keymeai")
     logger.addHandler(caplog.handler)
     caplog.set_level(logging.WARNING)
@@ -202,10 +213,8 @@ def gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCapture
 
 
 @pytest.fixture
-def blackhole() -> Iterator[Any]:
+def blackhole() -> Iterator[Blackhole]:
     """A provider address where connecting hangs (for connect_timeout tests)."""
-    from tests.support import Blackhole
-
     hole = Blackhole()
     yield hole
     hole.close()
@@ -214,13 +223,12 @@ def blackhole() -> Iterator[Any]:
 @pytest.fixture
 def route(
     config_data: dict[str, Any], upstream: FakeUpstream, start_gateway: Callable[..., Gateway]
-) -> Callable[..., Any]:
+) -> Callable[..., Routed]:
     """Start a gateway whose model `resilient` has one upstream per given fake mode.
 
     `route("503", "ark/ok", read_timeout=1, routing={"failure_threshold": 1})`: providers
     get short timeouts (support.FAST_TIMEOUTS) unless told otherwise.
     """
-    from tests.support import FAST_TIMEOUTS, ROUTED_MODEL, Routed, add_route
 
     def start(*modes: str, routing: dict[str, Any] | None = None, **options: Any) -> Routed:
         providers = add_route(
@@ -237,10 +245,8 @@ def route(
 @pytest.fixture
 def api(
     start_gateway: Callable[..., Gateway], config_data: dict[str, Any], upstream: FakeUpstream
-) -> Any:
+) -> Api:
     """A gateway with a small body limit and a standard-tier key, for raw-HTTP tests."""
-    from tests.checks import SMALL_BODY_LIMIT, Api
-
     config_data["gateway"]["max_request_bytes"] = SMALL_BODY_LIMIT
     gateway = start_gateway()
     return Api(gateway, gateway.create_key("standard"), upstream)
