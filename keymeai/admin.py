@@ -84,6 +84,12 @@ def key_object(row: ApiKey, now: dt.datetime) -> dict[str, Any]:
 # bad value is a 400 naming the field.
 
 
+def _echo(text: str) -> str:
+    """A client's text fit to quote in an error: short, and encodable (a lone surrogate
+    from a JSON escape would break the response)."""
+    return text[:MAX_ECHO].encode("utf-8", "replace").decode("utf-8")
+
+
 def _text(value: Any, param: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise invalid(f"{param} must be a non-empty string", param)
@@ -199,9 +205,7 @@ def parse_settings(body: Mapping[str, Any], required: tuple[str, ...] = ()) -> d
     """The ledger columns a request body sets; 400 for an unknown or invalid field."""
     for name in body:
         if name not in SETTINGS:
-            raise invalid(
-                f"Unrecognized request argument supplied: {name[:MAX_ECHO]}", name[:MAX_ECHO]
-            )
+            raise invalid(f"Unrecognized request argument supplied: {_echo(name)}", _echo(name))
     for name in required:
         if name not in body:
             raise invalid(f"you must provide a {name} parameter", name)
@@ -290,8 +294,8 @@ def usage() -> Response:
     for name in args:
         if name not in USAGE_PARAMS:
             raise invalid(
-                f"Unknown query parameter {name[:MAX_ECHO]!r} (known: {', '.join(USAGE_PARAMS)})",
-                name[:MAX_ECHO],
+                f"Unknown query parameter {_echo(name)!r} (known: {', '.join(USAGE_PARAMS)})",
+                _echo(name),
             )
     try:
         month = reports.parse_month(args["month"]) if "month" in args else None
