@@ -23,7 +23,7 @@ from typing import Any
 from peewee import fn
 
 from .billing import format_cost, to_usd
-from .db import connection
+from .db import connection, db
 from .ledger import ApiKey, UsageDaily
 
 FIELDS = (
@@ -118,7 +118,9 @@ def monthly_usage(month: dt.date, key_id: int | None = None, by: str = "model") 
     if key_id is not None:
         query = query.where(UsageDaily.key == key_id)
     with connection():
-        rows: list[tuple[Any, ...]] = list(query.tuples())  # type: ignore[arg-type]
+        # The plain cursor: peewee's per-value converters would double the time of a
+        # per-day report of 150,000 rows, and every value is converted in _row anyway.
+        rows: list[tuple[Any, ...]] = db.execute(query).fetchall()
     return [_row(values, by) for values in rows]
 
 
@@ -172,11 +174,26 @@ def to_json(rows: Sequence[ReportRow], by: str = "model") -> str:
     return "[" + ", ".join(items) + "]"
 
 
+def _cells(row: ReportRow, by: str) -> list[str]:
+    day = [row.day.isoformat()] if by == "day" and row.day else []
+    return [
+        *day,
+        str(row.key_id),
+        row.key_name,
+        row.model,
+        str(row.requests),
+        str(row.prompt_tokens),
+        str(row.completion_tokens),
+        str(row.cached_tokens),
+        str(row.total_tokens),
+        format_cost(row.cost_units),
+    ]
+
+
 def to_text_rows(rows: Sequence[ReportRow], by: str = "model") -> list[list[str]]:
     """Header, one line per row and a totals line, as text cells (table and CSV)."""
     columns = fields(by)
-    lines = [list(columns)]
-    lines += [[str(item[name]) for name in columns] for item in as_dicts(rows, by)]
+    lines = [list(columns), *(_cells(row, by) for row in rows)]
     total = totals_dict(rows)
     labels = {columns[0]: TOTAL_LABEL}
     lines.append([str(total.get(name, labels.get(name, ""))) for name in columns])

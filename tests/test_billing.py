@@ -87,34 +87,33 @@ def test_cost_text_is_exact_and_never_in_exponent_notation() -> None:
             parse_usd(bad)
 
 
-# Shapes: DeepSeek reports cached tokens as prompt_cache_hit_tokens, DashScope and Ark
-# only as prompt_tokens_details.cached_tokens; deepseek-reasoner adds reasoning tokens.
-@pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("model", MODELS)
-def test_every_provider_shape_is_billed_by_the_rule(
-    client: OpenAI, upstream: FakeUpstream, model: str, stream: bool
-) -> None:
+def test_every_provider_shape_is_billed_by_the_rule(client: OpenAI, upstream: FakeUpstream) -> None:
+    """DeepSeek reports cached tokens as prompt_cache_hit_tokens, DashScope and Ark only as
+    prompt_tokens_details.cached_tokens; reasoning tokens are part of the completion."""
     knobs = {"words": 40, "cached": 5, "reasoning_words": 7}
-    response = client.chat.completions.create(
-        model=model,
-        messages=[{"role": "user", "content": "a question of exactly nine words for the cache"}],
-        stream=stream,
-        extra_body={"fake": knobs},
-    )
-    if stream:
-        assert len(list(response)) > 40  # type: ignore[arg-type]
-    reported = upstream.requests[-1].response_usage
-    details = reported["prompt_tokens_details"]
-    if model.startswith("deepseek"):
-        assert reported["prompt_cache_hit_tokens"] == 5
-    else:
-        assert "prompt_cache_hit_tokens" not in reported and details["cached_tokens"] == 5
-    assert (reported["prompt_tokens"], reported["completion_tokens"]) == (12, 47)
-    (record,) = usage_records()
-    assert (record.prompt_tokens, record.cached_tokens, record.completion_tokens) == (12, 5, 47)
-    assert record.reasoning_tokens == 7 and not record.estimated
-    # 7 uncached and 5 cached prompt tokens, 47 completion tokens (7 of them reasoning)
-    assert to_usd(record.cost_units) == expected_cost(model, 12, 5, 47)
+    question = [{"role": "user", "content": "a question of exactly nine words for the cache"}]
+    for model in MODELS:
+        for stream in (False, True):
+            response = client.chat.completions.create(
+                model=model, messages=question, stream=stream, extra_body={"fake": knobs}
+            )
+            if stream:
+                assert len(list(response)) > 40  # type: ignore[arg-type]
+            reported = upstream.requests[-1].response_usage
+            if model.startswith("deepseek"):
+                assert reported["prompt_cache_hit_tokens"] == 5
+            else:
+                assert "prompt_cache_hit_tokens" not in reported
+                assert reported["prompt_tokens_details"]["cached_tokens"] == 5
+            assert (reported["prompt_tokens"], reported["completion_tokens"]) == (12, 47)
+            record = usage_records()[-1]
+            assert (record.model, record.stream) == (model, stream)
+            counts = (record.prompt_tokens, record.cached_tokens, record.completion_tokens)
+            assert counts == (12, 5, 47) and record.reasoning_tokens == 7
+            assert not record.estimated
+            # 7 uncached and 5 cached prompt tokens, 47 completion tokens (7 reasoning)
+            assert to_usd(record.cost_units) == expected_cost(model, 12, 5, 47), (model, stream)
+    assert len(usage_records()) == 2 * len(MODELS)
 
 
 def test_hand_computed_cost_of_a_cached_deepseek_request(client: OpenAI) -> None:
