@@ -53,8 +53,9 @@ def require_admin() -> None:
 
 
 def _json(body: Any, status: int = 200) -> Response:
-    """JSON with the fields in the order written (Flask's provider would sort them)."""
-    return Response(json.dumps(body, ensure_ascii=False), status, mimetype="application/json")
+    """JSON with the fields in the order written (Flask's provider would sort them), and
+    non-ASCII text escaped: whatever a name holds, the response can be encoded."""
+    return Response(json.dumps(body), status, mimetype="application/json")
 
 
 def _iso(moment: dt.datetime | None) -> str | None:
