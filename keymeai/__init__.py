@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import api, cli, db, limits, logs, ops, standing
+from . import admin, api, cli, db, limits, logs, ops, standing
 from .auth import KeyCache
 from .config import Config, load_config
 from .errors import register_error_handlers
@@ -29,6 +29,7 @@ def create_app(config: Config | None = None) -> Flask:
     ops.init_app(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(standing.bp)
+    app.register_blueprint(admin.bp)
     limiter = limits.init_app(app, config)
     app.extensions["keymeai"] = Gateway(
         config=config,

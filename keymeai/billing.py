@@ -9,12 +9,15 @@ ever touches money.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 from .config import Price
 
 UNITS_PER_USD = 10**10
+UNIT_DECIMALS = 10
+MAX_UNITS = 2**63 - 1  # the ledger's BIGINT columns
 _UNITS_PER_PRICE = UNITS_PER_USD // 10**6  # a price per 1M tokens, in units per token
+_MAX_AMOUNT_CHARS = 40  # longer "amounts" are refused before any arithmetic
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,10 @@ def unit_price(price: Decimal) -> int:
 
 
 def cost_units(price: Price, usage: Usage) -> int:
-    """Uncached prompt tokens at `input`, cached at `cached_input`, completion at `output`."""
+    """Uncached prompt tokens at `input`, cached at `cached_input`, completion at `output`.
+
+    Completion tokens include reasoning tokens, as every provider counts them.
+    """
     cached = min(usage.cached, usage.prompt)
     return (
         (usage.prompt - cached) * unit_price(price.input)
@@ -49,4 +55,44 @@ def cost_units(price: Price, usage: Usage) -> int:
 
 def to_usd(units: int) -> Decimal:
     """Cost units as exact dollars, e.g. 2_970_000 -> Decimal('0.0002970000')."""
-    return Decimal(units).scaleb(-10)
+    return Decimal(units).scaleb(-UNIT_DECIMALS)
+
+
+def format_cost(units: int) -> str:
+    """Exact dollars with all 10 decimal places, never in exponent notation:
+    0 -> "0.0000000000", 2_970_000 -> "0.0002970000"."""
+    return f"{to_usd(units):f}"
+
+
+def parse_usd(text: str) -> int:
+    """An amount in USD ("25.00", "$0.5") as cost units; ValueError saying what is wrong.
+
+    Worked on the decimal digits themselves, so no context rounding can turn an amount
+    with too many decimals into a nearby one silently.
+    """
+    cleaned = text.strip().removeprefix("$").strip()
+    try:
+        if len(cleaned) > _MAX_AMOUNT_CHARS:
+            raise InvalidOperation
+        amount = Decimal(cleaned)
+    except InvalidOperation:
+        raise ValueError(
+            f"{text[:_MAX_AMOUNT_CHARS]!r} is not an amount in USD (e.g. 25.00)"
+        ) from None
+    out_of_range = ValueError(
+        f"must be a positive amount in USD (e.g. 25.00) below {MAX_UNITS // UNITS_PER_USD}"
+    )
+    if not amount.is_finite() or amount <= 0 or amount.adjusted() >= 10:
+        raise out_of_range
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # finite
+    significant = list(digits)
+    while exponent < -UNIT_DECIMALS and significant and significant[-1] == 0:
+        significant.pop()
+        exponent += 1
+    if exponent < -UNIT_DECIMALS:
+        raise ValueError(f"at most {UNIT_DECIMALS} decimal places")
+    units = int("".join(map(str, significant)) or "0") * 10 ** (exponent + UNIT_DECIMALS)
+    if units > MAX_UNITS:
+        raise out_of_range
+    return units

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
-import io
 import sys
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
 
 import click
 from flask import Flask
 from flask.cli import AppGroup
 
 from . import db, gateway, keys, reports
-from .billing import UNITS_PER_USD
+from .billing import parse_usd
 from .config import ConfigError, validate_limits
 from .ledger import ApiKey, utcnow
 from .quota import format_usd
@@ -44,14 +41,6 @@ def _key(ref: str) -> ApiKey:
         raise click.ClickException(str(exc)) from None
 
 
-def _status(row: ApiKey) -> str:
-    if row.revoked_at is not None:
-        return "revoked"
-    if row.expires_at is not None and row.expires_at <= utcnow():
-        return "expired"
-    return "active"
-
-
 @keys_cli.command("create")
 @click.option("--name", required=True, help="Who the key is for.")
 @click.option("--tier", required=True, help="A tier of the config's tier table.")
@@ -68,7 +57,10 @@ def create_key(name: str, tier: str, expires: dt.datetime | None) -> None:
 def list_keys() -> None:
     """List keys (never the keys themselves: only their visible prefixes)."""
     rows = keys.list_keys()
-    table = [("key_id", "prefix", "name", "tier", "status", "created", "expires", "limits")]
+    now = utcnow()
+    table = [
+        ("key_id", "prefix", "name", "tier", "status", "created", "expires", "limits", "models")
+    ]
     for row in rows:
         limits = row.request_limits or ""
         if row.tokens_per_month is not None:
@@ -81,10 +73,11 @@ def list_keys() -> None:
                 row.prefix,
                 row.name,
                 row.tier,
-                _status(row),
+                keys.key_status(row, now),
                 f"{row.created_at:%Y-%m-%d %H:%M}",
                 f"{row.expires_at:%Y-%m-%d %H:%M}" if row.expires_at else "",
                 limits,
+                row.allowed_models or "all",
             )
         )
     _print_table(table)
@@ -112,15 +105,9 @@ def _spend_cap(ctx: click.Context, param: click.Parameter, value: str | None) ->
     if value is None:
         return None
     try:
-        amount = Decimal(value.strip().removeprefix("$"))
-    except InvalidOperation:
-        raise click.BadParameter(f"{value!r} is not an amount in USD (e.g. 25.00)") from None
-    units = amount * UNITS_PER_USD if amount.is_finite() else Decimal(-1)
-    if not 0 < units < MAX_BIGINT:
-        raise click.BadParameter("must be a positive amount in USD (e.g. 25.00)")
-    if units != units.to_integral_value():
-        raise click.BadParameter("at most 10 decimal places")
-    return int(units)
+        return parse_usd(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _limits_text(row: ApiKey) -> str:
@@ -179,9 +166,34 @@ def set_limits(
     click.echo(f"Key {row.id} ({row.prefix}): {_limits_text(row)}.")
 
 
+@keys_cli.command("set-models")
+@click.argument("key")
+@click.argument("models", required=False)
+@click.option("--all", "all_models", is_flag=True, help="Allow every model again.")
+def set_models(key: str, models: str | None, all_models: bool) -> None:
+    """Allow KEY only MODELS (comma-separated model ids), or every model with --all."""
+    if (models is None) == (not all_models):
+        raise click.UsageError("give MODELS (e.g. deepseek-chat,qwen-plus) or --all, not both")
+    allowed = None
+    if models is not None:
+        try:
+            allowed = keys.check_models(models.split(","), gateway.current().config.models)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="MODELS") from None
+    row = keys.update_key(_key(key), allowed_models=keys.join_models(allowed))
+    click.echo(f"Key {row.id} ({row.prefix}) may use: {row.allowed_models or 'every model'}.")
+
+
 @usage_cli.command("report")
 @click.option("--month", help="YYYY-MM (default: this month, UTC).")
 @click.option("--key", "key_ref", help="Only this key (its id or prefix).")
+@click.option(
+    "--by",
+    type=click.Choice(reports.GROUPINGS),
+    default="model",
+    show_default=True,
+    help="One row per key and model, or per day, key and model.",
+)
 @click.option(
     "--format",
     "fmt",
@@ -189,26 +201,23 @@ def set_limits(
     default="table",
     show_default=True,
 )
-def usage_report(month: str | None, key_ref: str | None, fmt: str) -> None:
-    """Requests, tokens and cost per key and model for a month."""
+def usage_report(month: str | None, key_ref: str | None, by: str, fmt: str) -> None:
+    """Requests, tokens and cost per key and model for a month (UTC).
+
+    Table and CSV end with a "total" line; JSON is the list of rows alone.
+    """
     try:
         first = reports.parse_month(month) if month else utcnow().date().replace(day=1)
     except ValueError:
         raise click.BadParameter("expected YYYY-MM", param_hint="--month") from None
     key_id = _key(key_ref).id if key_ref else None
-    rows = reports.monthly_usage(first, key_id)
+    rows = reports.monthly_usage(first, key_id, by)
     if fmt == "json":
-        click.echo(reports.to_json(rows))
-        return
-    values = [[_cell(getattr(row, f)) for f in reports.FIELDS] for row in rows]
-    if fmt == "csv":
-        out = io.StringIO()
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(reports.FIELDS)
-        writer.writerows(values)
-        click.echo(out.getvalue(), nl=False)
-        return
-    _print_table([tuple(reports.FIELDS), *[tuple(v) for v in values]])
+        click.echo(reports.to_json(rows, by))
+    elif fmt == "csv":
+        click.echo(reports.to_csv(rows, by), nl=False)
+    else:
+        _print_table(reports.to_text_rows(rows, by))
 
 
 @db_cli.command("upgrade")
@@ -216,11 +225,6 @@ def upgrade() -> None:
     """Apply pending schema migrations (idempotent; safe to run concurrently)."""
     applied = db.upgrade()
     click.echo(f"Applied {', '.join(applied)}." if applied else "Schema is up to date.")
-
-
-def _cell(value: object) -> str:
-    """A report value as text; costs in plain decimals (str() gives "2.7E-7", "0E-10")."""
-    return f"{value:f}" if isinstance(value, Decimal) else str(value)
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import re
 import secrets
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .db import connection, write_transaction
@@ -18,6 +19,8 @@ from .ledger import ApiKey, utcnow
 
 KEY_RE = re.compile(r"km-[A-Za-z0-9_-]{32,200}")
 PREFIX_LENGTH = 11
+MAX_ID = 2**63 - 1
+MODEL_SEPARATOR = ","  # `allowed_models` is stored as one ","-joined text
 
 
 class UnknownKey(LookupError):
@@ -41,6 +44,7 @@ class KeyInfo:
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyInfo:
+        models = split_models(row.allowed_models)
         return cls(
             id=row.id,
             name=row.name,
@@ -48,7 +52,7 @@ class KeyInfo:
             tier=row.tier,
             request_limits=tuple(row.request_limits.split(";")) if row.request_limits else None,
             tokens_per_month=row.tokens_per_month,
-            allowed_models=frozenset(row.allowed_models.split(",")) if row.allowed_models else None,
+            allowed_models=frozenset(models) if models else None,
             spend_cap_units=row.spend_cap_units,
             expires_at=row.expires_at,
             revoked=row.revoked_at is not None,
@@ -77,8 +81,14 @@ def lookup(plain: str) -> KeyInfo | None:
     return KeyInfo.from_row(row) if row else None
 
 
-def create_key(name: str, tier: str, expires_at: dt.datetime | None = None) -> tuple[ApiKey, str]:
-    """Store a new key; the plain key is returned once and never again."""
+def create_key(
+    name: str, tier: str, expires_at: dt.datetime | None = None, **settings: object
+) -> tuple[ApiKey, str]:
+    """Store a new key; the plain key is returned once and never again.
+
+    `settings` (limits, allow-list, spend cap) go in the same INSERT, so a key handed
+    out by a sign-up site is never usable without them.
+    """
     plain = generate_key()
     with connection():
         row = ApiKey.create(
@@ -87,6 +97,7 @@ def create_key(name: str, tier: str, expires_at: dt.datetime | None = None) -> t
             prefix=plain[:PREFIX_LENGTH],
             key_hash=hash_key(plain),
             expires_at=expires_at,
+            **settings,
         )
     return row, plain
 
@@ -95,10 +106,10 @@ def find_key(ref: str) -> ApiKey:
     """The key named by its id (`12`) or its visible prefix (`km-AbCd1234`)."""
     ref = ref.strip()
     with connection():
-        if ref.isdigit():
-            row = ApiKey.get_or_none(ApiKey.id == int(ref))
+        if ref.isascii() and ref.isdigit():  # not "²": a digit to isdigit(), not to int()
+            row = ApiKey.get_or_none(ApiKey.id == int(ref)) if int(ref) <= MAX_ID else None
             if row is None:
-                raise UnknownKey(f"no key with id {ref}")
+                raise UnknownKey(f"no key with id {ref[:20]}")
             return row
         if ref.startswith("km-") and len(ref) > PREFIX_LENGTH:
             # A full key pasted by the operator: match on its hash, never store it.
@@ -109,7 +120,7 @@ def find_key(ref: str) -> ApiKey:
                 raise UnknownKey(f"prefix {ref} matches several keys; use the key id")
             row = rows[0] if rows else None
     if row is None:
-        raise UnknownKey(f"no key with prefix {ref}")
+        raise UnknownKey(f"no key with prefix {ref[:PREFIX_LENGTH]}")
     return row
 
 
@@ -123,6 +134,38 @@ def update_key(row: ApiKey, **fields: object) -> ApiKey:
     with connection(), write_transaction():
         ApiKey.update(**fields).where(ApiKey.id == row.id).execute()
         return ApiKey.get_by_id(row.id)
+
+
+def key_status(row: ApiKey, now: dt.datetime) -> str:
+    """ "active", "revoked" or "expired", as the gateway would treat the key at `now`."""
+    if row.revoked_at is not None:
+        return "revoked"
+    if row.expires_at is not None and row.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def join_models(models: list[str] | None) -> str | None:
+    """An allow-list as stored: None (every model) or the ids joined by ","."""
+    return MODEL_SEPARATOR.join(models) if models is not None else None
+
+
+def check_models(models: Iterable[str], configured: Collection[str]) -> list[str]:
+    """An allow-list to store: configured model ids, duplicates dropped, order kept."""
+    allowed = list(dict.fromkeys(m.strip() for m in models if m.strip()))
+    if not allowed:
+        raise ValueError("no model given; to allow every model, clear the allow-list")
+    unknown = [m for m in allowed if m not in configured]
+    if unknown:
+        raise ValueError(
+            f"unknown model {', '.join(map(repr, unknown))[:300]} "
+            f"(configured: {', '.join(configured)})"
+        )
+    return allowed
+
+
+def split_models(stored: str | None) -> list[str] | None:
+    return stored.split(MODEL_SEPARATOR) if stored else None
 
 
 def revoke_key(row: ApiKey) -> ApiKey:

@@ -267,10 +267,12 @@ def test_usage_report_matches_the_records(
 
     parsed = list(csv.reader(io.StringIO(ok(as_csv))))
     assert parsed[0] == list(reports.FIELDS)
-    assert [line[:-1] for line in parsed[1:]] == [[str(r[f]) for f in FIELDS[:-1]] for r in rows]
+    body, total = parsed[1:-1], parsed[-1]  # the rows, then the invoice's total line
+    assert [line[:-1] for line in body] == [[str(r[f]) for f in FIELDS[:-1]] for r in rows]
+    assert total[0] == "total" and Decimal(total[-1]) == sum(r["cost"] for r in rows)
     lines = ok(table).splitlines()
-    assert lines[0].split() == list(reports.FIELDS) and len(lines) == 1 + len(rows)
-    for cost, row in zip([p[-1] for p in parsed[1:]], rows, strict=True):
+    assert lines[0].split() == list(reports.FIELDS) and len(lines) == 2 + len(rows)
+    for cost, row in zip([p[-1] for p in body], rows, strict=True):
         assert PLAIN_COST.fullmatch(cost) and Decimal(cost) == row["cost"]  # never "0E-10"
     assert all(PLAIN_COST.fullmatch(line.split()[-1]) for line in lines[1:])
     assert json.loads(ok(only_bob)) == [r for r in json.loads(ok(as_json)) if r["key_id"] == 2]
