@@ -91,15 +91,22 @@ def model_object(model: Model) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
 
 
+def visible_models() -> dict[str, Model]:
+    """The models the current key may use: all of them, or its allow-list."""
+    models = gateway.current().config.models
+    allowed = g.api_key.allowed_models
+    return dict(models) if allowed is None else {m: models[m] for m in models if m in allowed}
+
+
 @bp.get("/models")
 def list_models() -> Response:
-    models = gateway.current().config.models.values()
+    models = visible_models().values()
     return jsonify({"object": "list", "data": [model_object(m) for m in models]})
 
 
 @bp.get("/models/<path:model_id>")
 def get_model(model_id: str) -> Response:
-    model = gateway.current().config.models.get(model_id)
+    model = visible_models().get(model_id)
     if model is None:
         raise model_not_found(model_id)
     return jsonify(model_object(model))

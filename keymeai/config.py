@@ -8,6 +8,7 @@ surfacing later as a 500 on some request.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from urllib.parse import urlsplit
 from limits import parse_many
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
-PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
+PRICE_DECIMALS = 4
+# Model ids appear in URLs, reports and comma-separated allow-lists.
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # prices are stored as integers of 1e-10 USD per token
 
 
 class ConfigError(ValueError):
@@ -319,6 +322,11 @@ def _parse_providers(section: _Section, environ: Mapping[str, str]) -> dict[str,
 def _parse_models(section: _Section, providers: Mapping[str, Provider]) -> dict[str, Model]:
     models = {}
     for model_id in list(section.data):
+        if not MODEL_ID.fullmatch(model_id):
+            raise ConfigError(
+                f"models.{model_id}: a model id is letters, digits and . _ : / - "
+                "(at most 128 characters)"
+            )
         m = section.section(model_id)
         upstream_list = m.take("upstreams", list)
         if not upstream_list:

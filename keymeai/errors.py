@@ -7,11 +7,12 @@ traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g, json
+from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class ApiError(Exception):
         }
 
     def response(self) -> Response:
+        # ASCII-escaped JSON: a message that echoes client text (even a lone surrogate)
+        # always encodes.
         resp = Response(json.dumps(self.body()), self.status, mimetype="application/json")
         resp.headers.update(self.headers)
         return resp

@@ -72,8 +72,13 @@ def test_allow_list_over_the_api(admin: tuple[Gateway, Admin]) -> None:
             "code": "model_not_allowed",
         }
     assert len(usage_records()) == 1
+    # The key's model list is its allow-list, as OpenAI lists only a key's own models.
+    assert [m.id for m in client.models.list().data] == ["deepseek-chat"]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("qwen-plus")
     api.patch(f"/keys/{created['id']}", json={"allowed_models": None})
     client.chat.completions.create(model="qwen-plus", messages=HI)
+    assert len(client.models.list().data) == 5
 
 
 def test_spend_cap_over_the_api(admin: tuple[Gateway, Admin], upstream: FakeUpstream) -> None:
