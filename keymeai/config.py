@@ -20,9 +20,9 @@ from urllib.parse import urlsplit
 from limits import parse_many
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
-PRICE_DECIMALS = 4
+PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
 # Model ids appear in URLs, reports and comma-separated allow-lists.
-MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")  # prices are stored as integers of 1e-10 USD per token
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 class ConfigError(ValueError):

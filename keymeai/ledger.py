@@ -57,7 +57,7 @@ class ApiKey(BaseModel):
 class UsageRecord(BaseModel):
     """One request that reached an upstream: what billing and audits need, no bodies."""
 
-    key = ForeignKeyField(ApiKey, backref="usage", on_delete="CASCADE")
+    key = ForeignKeyField(ApiKey, backref="usage", on_delete="CASCADE", index=False)
     created_at = DateTimeField(default=utcnow)
     request_id = CharField(max_length=128)
     model = CharField(max_length=128)
@@ -97,7 +97,7 @@ class UsageDaily(BaseModel):
     cost_units = BigIntegerField(default=0)
 
     class Meta:
-        indexes = ((("key", "day", "model"), True),)
+        indexes = ((("key", "day", "model"), True), (("day",), False))
 
 
 class QuotaReservation(BaseModel):

@@ -17,7 +17,7 @@ from tests.processes import cli_env, flask_cli, start_flask
 
 pytestmark = pytest.mark.both_databases
 
-ALL = ["0001_initial", "0002_usage_daily_day_index"]
+ALL = ["0001_initial", "0002_usage_daily_day_index", "0003_drop_usage_record_key_index"]
 
 
 def history(database_url: str) -> list[str]:
@@ -85,13 +85,16 @@ def test_upgrade_evolves_a_ledger_created_at_0001_and_keeps_its_data(
         today = dt.datetime.now(dt.UTC).date()
         UsageDaily.create(key=key.id, day=today, model="deepseek-chat", requests=3, total_tokens=30)
     assert "usage_daily_day" not in index_names(database, "usage_daily")
+    assert "usage_record_key_id" in index_names(database, "usage_record")
 
     env = cli_env(config_data, tmp_path)
     upgraded = flask_cli(env, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert upgraded.stdout.strip() == "Applied 0002_usage_daily_day_index."
+    assert upgraded.stdout.strip() == f"Applied {', '.join(ALL[1:])}."
     assert history(database_url) == ALL
     assert "usage_daily_day" in index_names(db.db.obj, "usage_daily")
+    assert "usage_record_key_id" not in index_names(db.db.obj, "usage_record")
+    assert "usage_record_key_id_created_at" in index_names(db.db.obj, "usage_record")
 
     report = flask_cli(env, "usage", "report", "--format", "json")
     assert report.returncode == 0, report.stderr
