@@ -36,7 +36,7 @@ from typing import Any
 
 import tomli_w
 
-from keymeai import db, keys, metering, reports
+from keymeai import billing, db, keys, metering, reports
 from keymeai.billing import Usage, cost_units, format_cost
 from keymeai.config import load_config
 from keymeai.db import connection, write_transaction
@@ -171,7 +171,7 @@ def fill(records: int, key_count: int, config: Any) -> None:
     daily_key_slot, day_slot = templates.daily_slots
     # Zipf-like: a few keys make most of the traffic, as with real customers.
     cumulative = _cumulative([1 / rank for rank in range(1, key_count + 1)])
-    seconds = 86_400 * (reports.month_range(MONTH)[1] - MONTH).days
+    seconds = 86_400 * (billing.month_range(MONTH)[1] - MONTH).days
     start = dt.datetime.combine(MONTH, dt.time())
     done, began = 1, time.monotonic()  # the captured write was record number 1
     last_second, at = -1, ""

@@ -23,11 +23,10 @@ from flask import Blueprint, Response, request, url_for
 
 from . import gateway, keys, reports
 from .auth import require_admin_token
-from .billing import MAX_UNITS, parse_usd
+from .billing import MAX_UNITS, format_usd, parse_usd
 from .config import ConfigError, validate_limits
 from .errors import ApiError, invalid
 from .ledger import ApiKey, utcnow
-from .quota import format_usd
 from .validation import parse_json_body
 
 log = logging.getLogger(__name__)

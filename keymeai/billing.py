@@ -8,6 +8,7 @@ ever touches money.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -96,3 +97,28 @@ def parse_usd(text: str) -> int:
     if units > MAX_UNITS:
         raise out_of_range
     return units
+
+
+def format_usd(units: int) -> str:
+    """Cost units as exact dollars with at least two decimals: "25.00", "0.00010668"
+    (caps and month-to-date figures; reports keep all ten decimals, `format_cost`)."""
+    amount = to_usd(units).normalize()
+    exponent = amount.as_tuple().exponent
+    if isinstance(exponent, int) and exponent > -2:
+        amount = amount.quantize(Decimal("0.01"))
+    return f"{amount:f}"
+
+
+def month_range(day: dt.date) -> tuple[dt.date, dt.date]:
+    """The billing period of `day`: the first day of its calendar month and of the next
+    one; ValueError past year 9999."""
+    start = day.replace(day=1)
+    if start.month == 12:
+        return start, dt.date(start.year + 1, 1, 1)
+    return start, start.replace(month=start.month + 1)
+
+
+def month_bounds(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+    """Start of the calendar month (UTC) of `now` and of the next, as datetimes."""
+    start, end = month_range(now.date())
+    return dt.datetime.combine(start, dt.time()), dt.datetime.combine(end, dt.time())

@@ -11,10 +11,9 @@ from flask import Flask
 from flask.cli import AppGroup
 
 from . import db, gateway, keys, reports
-from .billing import parse_usd
+from .billing import format_usd, parse_usd
 from .config import ConfigError, validate_limits
 from .ledger import ApiKey, utcnow
-from .quota import format_usd
 
 keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")
 usage_cli = AppGroup("usage", help="Usage and cost reports.")

@@ -16,35 +16,18 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
 
 from peewee import fn
 
 from . import metrics
-from .billing import to_usd
+from .billing import format_usd, month_bounds
 from .config import QuotaSettings, Tier
 from .db import connection, is_sqlite, write_transaction
 from .errors import ApiError
 from .keys import KeyInfo
 from .ledger import ApiKey, QuotaReservation, UsageDaily, utcnow
 from .limits import format_duration
-
-
-def month_bounds(now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
-    """Start of this calendar month (UTC) and of the next."""
-    start = now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-    following = (start + dt.timedelta(days=32)).replace(day=1)
-    return start, following
-
-
-def format_usd(units: int) -> str:
-    """Cost units as exact dollars with at least two decimals: "25.00", "0.00010668"."""
-    amount = to_usd(units).normalize()
-    exponent = amount.as_tuple().exponent
-    if isinstance(exponent, int) and exponent > -2:
-        amount = amount.quantize(Decimal("0.01"))
-    return f"{amount:f}"
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 
 from peewee import fn
 
-from .billing import format_cost, to_usd
+from .billing import format_cost, month_range, to_usd
 from .db import connection, db
 from .ledger import ApiKey, UsageDaily
 
@@ -89,14 +89,6 @@ def parse_month(text: str) -> dt.date:
     first = dt.datetime.strptime(text, "%Y-%m").date()
     month_range(first)
     return first
-
-
-def month_range(first: dt.date) -> tuple[dt.date, dt.date]:
-    """The first day of the month and of the next one; ValueError past year 9999."""
-    start = first.replace(day=1)
-    if start.month == 12:
-        return start, dt.date(start.year + 1, 1, 1)
-    return start, start.replace(month=start.month + 1)
 
 
 def monthly_usage(month: dt.date, key_id: int | None = None, by: str = "model") -> list[ReportRow]:

@@ -18,10 +18,11 @@ from limits.errors import StorageError
 
 from . import gateway
 from .api import require_key
+from .billing import format_usd, month_bounds
 from .db import connection
 from .ledger import utcnow
 from .limits import current_windows
-from .quota import format_usd, month_bounds, month_usage, token_quota
+from .quota import month_usage, token_quota
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai import keys, metering, reports
+from keymeai import billing, keys, metering, reports
 from keymeai.billing import to_usd
 from keymeai.ledger import utcnow
 from tests.conftest import Gateway
@@ -56,7 +56,7 @@ def record(key_id: int, at: dt.datetime, model: str = "qwen-plus", **counts: int
 
 def raw_sums(month: dt.date, by: str) -> dict[tuple[Any, ...], dict[str, Any]]:
     """The month's raw records summed in Python, per (day,) key and model."""
-    start, end = reports.month_range(month)
+    start, end = billing.month_range(month)
     sums: dict[tuple[Any, ...], dict[str, Any]] = defaultdict(lambda: defaultdict(int))
     for rec in usage_records():
         if start <= rec.created_at.date() < end:
@@ -114,7 +114,7 @@ def test_report_sums_equal_the_raw_records(busy_month: tuple[int, int], by: str)
     assert sum(r.requests for r in rows) == 6 == len(usage_records()) - 2
     totals = reports.Totals.of(rows)
     this_month = [r for r in usage_records() if r.created_at.date() >= month.replace(day=1)]
-    this_month = [r for r in this_month if r.created_at.date() < reports.month_range(month)[1]]
+    this_month = [r for r in this_month if r.created_at.date() < billing.month_range(month)[1]]
     assert totals.cost_units == sum(r.cost_units for r in this_month)
     assert totals.total_tokens == sum(r.total_tokens for r in this_month)
     _, bob = busy_month
@@ -129,7 +129,7 @@ def test_neighbouring_months_hold_their_own_records(busy_month: tuple[int, int])
     assert [(r.key_id, r.prompt_tokens, r.day) for r in last_month] == [
         (bob, 7, first - dt.timedelta(days=1))
     ]
-    next_month = reports.monthly_usage(reports.month_range(first)[1])
+    next_month = reports.monthly_usage(billing.month_range(first)[1])
     assert [(r.key_id, r.prompt_tokens) for r in next_month] == [(bob, 9)]
 
 

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from keymeai import keys
-from keymeai.quota import format_usd
+from keymeai.billing import format_usd
 from tests.conftest import Gateway
 from tests.limit_support import ask, cli, reservations, wait_until
 from tests.support import usage_records
