@@ -19,7 +19,7 @@ from .errors import ApiError
 from .ledger import utcnow
 
 bp = Blueprint("account", __name__, url_prefix="/account")
-pages.register_errors(bp)
+pages.init_blueprint(bp)
 
 LOOKUP_LIMIT = "10 per minute"  # per client address
 

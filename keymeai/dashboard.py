@@ -47,7 +47,7 @@ from .reports import ReportRow, Totals
 log = logging.getLogger(__name__)
 
 bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
-pages.register_errors(bp)
+pages.init_blueprint(bp)
 
 SIGNIN_LIMIT = "5 per minute"  # per client address, wrong or right
 SESSION_HOURS = 8

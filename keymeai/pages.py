@@ -27,6 +27,7 @@ from .reports import Totals, month_range
 
 PREFIXES = ("/dashboard", "/account")
 PAGE_ARGS = ("month", "models", "keys")  # the query parameters the pages read
+MAX_FORM_BYTES = 16 * 1024  # a token, a key or a tier: no form needs more
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
@@ -84,9 +85,13 @@ def error_page(status: int, message: str, headers: Mapping[str, str] | None = No
     return Response(body, status, mimetype="text/html", headers=dict(headers or {}))
 
 
-def register_errors(bp: Blueprint) -> None:
-    """A page's own answer to the limiter's errors, which the app answers in JSON
-    (and counts as customer rejections) for the API."""
+def init_blueprint(bp: Blueprint) -> None:
+    """A small body limit for the pages' forms, and their own answer to the limiter's
+    errors, which the app answers in JSON (and counts as customer rejections) for the API."""
+
+    @bp.before_request
+    def small_bodies() -> None:
+        request.max_content_length = MAX_FORM_BYTES
 
     @bp.errorhandler(RateLimitExceeded)
     def too_many(exc: RateLimitExceeded) -> Response:

@@ -148,13 +148,16 @@ def last_used(key_id: int | None = None) -> dict[int, dt.datetime]:
     One statement with a MAX per key that the (key, created_at) index answers with a
     seek (SQLite and PostgreSQL alike), never a scan of the records.
     """
+    with connection():
+        rows: list[tuple[Any, ...]] = db.execute(last_used_query(key_id)).fetchall()
+    return {key_id: _datetime(moment) for key_id, moment in rows if moment is not None}
+
+
+def last_used_query(key_id: int | None = None) -> Any:
+    """`last_used`'s statement (a key's id and its newest record's time), to explain."""
     newest = UsageRecord.select(fn.MAX(UsageRecord.created_at)).where(UsageRecord.key == ApiKey.id)
     query = ApiKey.select(ApiKey.id, newest)
-    if key_id is not None:
-        query = query.where(ApiKey.id == key_id)
-    with connection():
-        rows: list[tuple[Any, ...]] = db.execute(query).fetchall()
-    return {key_id: _datetime(moment) for key_id, moment in rows if moment is not None}
+    return query if key_id is None else query.where(ApiKey.id == key_id)
 
 
 def _date(value: dt.date | str) -> dt.date:
