@@ -4,10 +4,10 @@ revocation or change of tier, over the queries of the usage report and the admin
 Signed in through a form with the admin token (KEYMEAI_ADMIN_TOKEN, compared in
 constant time; without it the dashboard answers 404). Sign-in attempts are limited per
 client address by the app's limiter. The session is Flask's signed cookie: HttpOnly,
-SameSite=Strict, Secure when the request came over HTTPS, sent only to /dashboard, good
-for SESSION_HOURS. Its signing key is derived from the admin token, so changing the
-token signs everyone out. Every form that changes something carries the session's CSRF
-token, compared in constant time.
+SameSite=Strict, Secure when the request came over HTTPS, sent only to /dashboard, and
+void after SESSION_HOURS without a visit. Its signing key is derived from the admin
+token, so changing the token signs everyone out. Every form that changes something
+carries the session's CSRF token, compared in constant time.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import re
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import pytest
@@ -211,3 +212,15 @@ def test_last_use_is_each_keys_newest_record(
         # One index seek per key, never a scan of the records.
         assert "SEARCH t2 USING COVERING INDEX usage_record_key_id_created_at" in steps, steps
         assert "SCAN t2" not in steps, steps
+
+
+@pytest.mark.redis
+def test_sign_in_attempts_are_counted_across_instances_in_redis(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any], redis_url: str
+) -> None:
+    config_data["ratelimit"]["storage_uri"] = redis_url
+    first, second = (admin_gateway(start_gateway, config_data)[0] for _ in range(2))
+    for gateway in (first, second, first, second, first):
+        assert _sign_in_from(gateway.url, "127.0.0.4", "guess") == 401
+    assert _sign_in_from(second.url, "127.0.0.4", ADMIN_TOKEN) == 429
+    assert _sign_in_from(second.url, "127.0.0.5", ADMIN_TOKEN) == 303
