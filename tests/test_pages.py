@@ -18,7 +18,7 @@ from keymeai.ledger import utcnow
 from tests.billing_support import ADMIN_TOKEN, Admin, admin_gateway
 from tests.browser_support import HI, use
 from tests.conftest import Gateway
-from tests.support import usage_records
+from tests.support import free_port, usage_records
 
 PAGES = ["/dashboard/", "/dashboard/signin", "/dashboard/keys/1", "/dashboard/usage.csv"]
 
@@ -224,3 +224,16 @@ def test_sign_in_attempts_are_counted_across_instances_in_redis(
         assert _sign_in_from(gateway.url, "127.0.0.4", "guess") == 401
     assert _sign_in_from(second.url, "127.0.0.4", ADMIN_TOKEN) == 429
     assert _sign_in_from(second.url, "127.0.0.5", ADMIN_TOKEN) == 303
+
+
+def test_limiter_storage_down_is_a_page_too(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
+) -> None:
+    """Fail-closed limits with Redis unreachable: the forms answer an HTML 503."""
+    dead = f"redis://127.0.0.1:{free_port()}"
+    config_data["ratelimit"] = {"storage_uri": dead, "on_storage_error": "deny"}
+    gateway = admin_gateway(start_gateway, config_data)[0]
+    for path, form in (("/account", {"key": "km-x"}), ("/dashboard/signin", {"token": "x"})):
+        response = requests.post(f"{gateway.url}{path}", data=form, timeout=10)
+        assert_html_error(response, 503, "unavailable for a moment")
+        assert response.headers["Retry-After"] == "5"
