@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from . import admin, api, cli, db, limits, logs, ops, standing
+from . import account, admin, api, cli, dashboard, db, limits, logs, ops, pages, standing
 from .auth import KeyCache
 from .config import Config, load_config
 from .errors import register_error_handlers
@@ -31,6 +31,9 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(standing.bp)
     app.register_blueprint(admin.bp)
     limiter = limits.init_app(app, config)
+    pages.init_app(app)
+    dashboard.init_app(app, config, limiter)
+    account.init_app(app, limiter)
     app.extensions["keymeai"] = Gateway(
         config=config,
         router=Router(config),

@@ -233,9 +233,10 @@ def _find(ref: str) -> ApiKey:
         raise ApiError(404, f"No such key: {exc}.", code="key_not_found") from None
 
 
-def _changed(row: ApiKey, action: str, fields: list[str]) -> None:
+def note_change(row: ApiKey, action: str, fields: list[str]) -> None:
     """Log the change and drop this process's cached key lookups, so it applies here at
-    once (other instances follow within `gateway.key_cache_seconds`)."""
+    once (other instances follow within `gateway.key_cache_seconds`). The dashboard's
+    forms call it too."""
     gateway.current().keys.clear()
     log.info(
         f"admin: key {action}",
@@ -249,7 +250,7 @@ def create_key() -> Response:
     settings = parse_settings(_body(), REQUIRED_ON_CREATE)
     name, tier = settings.pop("name"), settings.pop("tier")
     row, plain = keys.create_key(name, tier, **settings)
-    _changed(row, "created", sorted(settings))
+    note_change(row, "created", sorted(settings))
     response = _json({**key_object(row, utcnow()), "key": plain}, 201)
     response.headers["Location"] = url_for(".get_key", ref=row.id)
     response.headers["Cache-Control"] = "no-store"
@@ -274,7 +275,7 @@ def update_key(ref: str) -> Response:
     changes = parse_settings(_body())
     if changes:
         row = keys.update_key(row, **changes)
-        _changed(row, "updated", sorted(changes))
+        note_change(row, "updated", sorted(changes))
     return _json(key_object(row, utcnow()))
 
 
@@ -283,7 +284,7 @@ def update_key(ref: str) -> Response:
 def revoke_key(ref: str) -> Response:
     """Revoke (idempotent). DELETE revokes too: the key's usage stays for billing."""
     row = keys.revoke_key(_find(ref))
-    _changed(row, "revoked", [])
+    note_change(row, "revoked", [])
     return _json(key_object(row, utcnow()))
 
 
@@ -312,8 +313,7 @@ def usage() -> Response:
 
     rows = reports.monthly_usage(month, key_id, by)
     if fmt == "csv":
-        suffix = f"-key{key_id}" if key_id is not None else ""
-        filename = f"keymeai-usage-{month:%Y-%m}{suffix}{'-daily' if by == 'day' else ''}.csv"
+        filename = reports.csv_filename(month, key_id, by)
         return Response(
             reports.to_csv(rows, by),
             mimetype="text/csv",

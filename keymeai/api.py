@@ -16,6 +16,7 @@ from . import gateway, quota
 from .auth import authenticate
 from .config import Model
 from .errors import ApiError, model_not_found
+from .keys import KeyInfo
 from .metering import Meter
 from .relay import relay
 from .upstream import UpstreamModelError
@@ -28,9 +29,13 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 def require_key() -> None:
     if request.method == "OPTIONS":
         return  # Flask's automatic answer (Allow: ...) reveals nothing; preflights carry no key
-    gw = gateway.current()
-    key = authenticate(gw.keys)
-    tier = gw.config.tiers.get(key.tier)
+    use_key(authenticate(gateway.current().keys))
+
+
+def use_key(key: KeyInfo) -> None:
+    """Make `key` the request's key (`g.api_key`, `g.tier`), which the limiter and
+    `GET /v1/usage` read; 403 when its tier is no longer configured."""
+    tier = gateway.current().config.tiers.get(key.tier)
     if tier is None:
         raise ApiError(
             403,

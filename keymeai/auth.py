@@ -61,6 +61,12 @@ def authenticate(cache: KeyCache) -> KeyInfo:
         raise invalid_api_key(
             "The Authorization header must use Bearer auth (Authorization: Bearer km-...)."
         )
+    return check_key(token, cache)
+
+
+def check_key(token: str, cache: KeyCache) -> KeyInfo:
+    """The active key `token` names, or a 401 in OpenAI's words; shared by the API and
+    the customer page, so both refuse a key for the same reasons."""
     if not is_well_formed(token):
         raise invalid_api_key("Incorrect API key provided. Keys look like km-...")
     info = cache.get(token)

@@ -2,7 +2,8 @@
 
 Clients (the openai SDK first of all) read `error.message`, `error.type`, `error.param`
 and `error.code`; they get that body whatever went wrong, never an HTML page or a
-traceback.
+traceback. Only the pages people open in a browser (/dashboard, /account) get their
+errors as HTML.
 """
 
 from __future__ import annotations
@@ -86,24 +87,33 @@ def server_error(message: str = "The server had an error processing your request
 
 
 def register_error_handlers(app: Flask) -> None:
-    """Answer every error, expected or not, in OpenAI's shape."""
+    """Answer every error, expected or not, in OpenAI's shape; on the HTML pages
+    (/dashboard, /account) as an HTML page with the same status and message."""
+    from .pages import error_page, is_page  # the pages' module imports this one
+
+    def answer(error: ApiError) -> Response:
+        if is_page():
+            return error_page(error.status, error.message, error.headers)
+        return error.response()
 
     @app.errorhandler(ApiError)
     def api_error(exc: ApiError) -> Response:
-        return exc.response()
+        return answer(exc)
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         status = exc.code or 500
         message, code = _HTTP_MESSAGES.get(status, (exc.description or exc.name, None))
         if status >= 500:
-            return server_error().response()
+            return answer(server_error())
+        if is_page():
+            message = exc.description or exc.name
         error = ApiError(status, message, code=code)
         if isinstance(exc, MethodNotAllowed) and exc.valid_methods:
             error.headers["Allow"] = ", ".join(exc.valid_methods)
-        return error.response()
+        return answer(error)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception) -> Response:
         log.exception("unhandled error", extra={"request_id": g.get("request_id")})
-        return server_error().response()
+        return answer(server_error())

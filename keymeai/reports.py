@@ -24,7 +24,7 @@ from peewee import fn
 
 from .billing import format_cost, month_range, to_usd
 from .db import connection, db
-from .ledger import ApiKey, UsageDaily
+from .ledger import ApiKey, UsageDaily, UsageRecord
 
 FIELDS = (
     "key_id",
@@ -116,12 +116,56 @@ def monthly_usage(month: dt.date, key_id: int | None = None, by: str = "model") 
     return [_row(values, by) for values in rows]
 
 
+def daily_totals(month: dt.date, key_id: int | None = None) -> dict[dt.date, Totals]:
+    """The month's sums per day, of every key or of one (days without usage left out):
+    a chart's series in one GROUP BY over the roll-ups."""
+    start, end = month_range(month)
+    sums = [fn.SUM(getattr(UsageDaily, name)) for name in (*COUNTS, "cost_units")]
+    query = (
+        UsageDaily.select(UsageDaily.day, *sums)
+        .where((UsageDaily.day >= start) & (UsageDaily.day < end))
+        .group_by(UsageDaily.day)
+    )
+    if key_id is not None:
+        query = query.where(UsageDaily.key == key_id)
+    with connection():
+        rows: list[tuple[Any, ...]] = db.execute(query).fetchall()
+    return {_date(day): Totals(*(int(value) for value in values)) for day, *values in rows}
+
+
+def last_used(key_id: int | None = None) -> dict[int, dt.datetime]:
+    """When each key (or one) was last used: its newest usage record. Keys never used
+    are absent.
+
+    One statement with a MAX per key that the (key, created_at) index answers with a
+    seek (SQLite and PostgreSQL alike), never a scan of the records.
+    """
+    with connection():
+        rows: list[tuple[Any, ...]] = db.execute(last_used_query(key_id)).fetchall()
+    return {key_id: _datetime(moment) for key_id, moment in rows if moment is not None}
+
+
+def last_used_query(key_id: int | None = None) -> Any:
+    """`last_used`'s statement (a key's id and its newest record's time), to explain."""
+    newest = UsageRecord.select(fn.MAX(UsageRecord.created_at)).where(UsageRecord.key == ApiKey.id)
+    query = ApiKey.select(ApiKey.id, newest)
+    return query if key_id is None else query.where(ApiKey.id == key_id)
+
+
+def _date(value: dt.date | str) -> dt.date:
+    """A day as the driver hands it back (SQLite may give the stored text)."""
+    return dt.date.fromisoformat(value) if isinstance(value, str) else value
+
+
+def _datetime(value: dt.datetime | str) -> dt.datetime:
+    return dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
 def _row(values: tuple[Any, ...], by: str) -> ReportRow:
     day = None
     if by == "day":
         day, *rest = values
-        if isinstance(day, str):  # as SQLite stores it, should a driver hand back text
-            day = dt.date.fromisoformat(day)
+        day = _date(day)
         values = tuple(rest)
     key_id, name, model, *sums = values
     # PostgreSQL sums bigints as numeric (Decimal), SQLite as integers: both exact.
@@ -190,6 +234,12 @@ def to_text_rows(rows: Sequence[ReportRow], by: str = "model") -> list[list[str]
     labels = {columns[0]: TOTAL_LABEL}
     lines.append([str(total.get(name, labels.get(name, ""))) for name in columns])
     return lines
+
+
+def csv_filename(month: dt.date, key_id: int | None = None, by: str = "model") -> str:
+    """`keymeai-usage-2026-11[-key12][-daily].csv`: what the report covers, at a glance."""
+    suffix = f"-key{key_id}" if key_id is not None else ""
+    return f"keymeai-usage-{month:%Y-%m}{suffix}{'-daily' if by == 'day' else ''}.csv"
 
 
 def to_csv(rows: Sequence[ReportRow], by: str = "model") -> str:

@@ -71,6 +71,12 @@ def _request_limits() -> list[dict[str, Any]] | None:
 
 @bp.get("/usage")
 def usage() -> Response:
+    return jsonify(standing())
+
+
+def standing() -> dict[str, Any]:
+    """The request's key's standing (`g.api_key` and `g.tier`, set by `api.use_key`):
+    the body of `GET /v1/usage`, and the figures the customer page shows."""
     key, tier = g.api_key, g.tier
     now = utcnow()
     start, end = month_bounds(now)
@@ -78,7 +84,7 @@ def usage() -> Response:
         month = month_usage(key.id, now)
     tokens = token_quota(key, tier)
     cap = key.spend_cap_units
-    body = {
+    return {
         "object": "usage",
         "key": {"id": key.id, "prefix": key.prefix, "name": key.name},
         "tier": tier.name,
@@ -111,4 +117,3 @@ def usage() -> Response:
             },
         },
     }
-    return jsonify(body)
