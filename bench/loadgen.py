@@ -88,8 +88,8 @@ def lua_script(body: bytes, key: str | None, directory: Path) -> Path:
     return Path(name)
 
 
-def run_wrk(url: str, script: Path, connections: int, seconds: float, pids: list[int]) -> WrkRun:
-    """One wrk run against `url`; `pids` are the server processes whose CPU is counted."""
+def run_wrk(url: str, script: Path, connections: int, seconds: float, pid: int) -> WrkRun:
+    """One wrk run against `url`; `pid` is the server whose CPU (with workers) is counted."""
     command = [
         "wrk",
         f"-t{connections}",
@@ -102,9 +102,9 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float, pids: list
         str(script),
         url,
     ]
-    cpu_before = cpu_ticks(pids)
+    cpu_before = cpu_ticks(pid)
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    cpu = cpu_ticks(pids) - cpu_before
+    cpu = cpu_ticks(pid) - cpu_before
     line = next(x for x in out.splitlines() if x.startswith("WRKJSON "))
     data = json.loads(line.removeprefix("WRKJSON "))
     errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
@@ -116,12 +116,6 @@ def run_wrk(url: str, script: Path, connections: int, seconds: float, pids: list
         errors=errors,
         cpu_us_per_req=cpu / CLOCK_TICKS * 1e6 / requests,
     )
-
-
-def wrk_median(
-    url: str, script: Path, connections: int, seconds: float, runs: int, pids: list[int]
-) -> WrkResult:
-    return WrkResult([run_wrk(url, script, connections, seconds, pids) for _ in range(runs)])
 
 
 def children(pid: int) -> list[int]:
@@ -140,16 +134,24 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
-def cpu_ticks(pids: list[int]) -> int:
-    """User + system CPU ticks used so far by these processes (gone ones count 0)."""
-    total = 0
-    for pid in pids:
+def _stat(pid: int) -> list[str]:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2 :].split()
+
+
+def cpu_ticks(pid: int) -> int:
+    """CPU ticks (user + system) used so far by a server: the process, its reaped
+    children (a worker gunicorn restarted) and its live children (the workers)."""
+    try:
+        fields = _stat(pid)
+    except OSError:
+        return 0
+    total = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    for child in children(pid):
         try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
+            total += sum(int(f) for f in _stat(child)[11:13])
         except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])
+            continue  # exited between the listing and the read
     return total
 
 

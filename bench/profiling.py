@@ -105,7 +105,7 @@ def profile_gateway(
     time.sleep(0.5)
     url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
     script = loadgen.lua_script(body, key, tmp)
-    loadgen.run_wrk(url, script, 8, seconds, gateway.pids())
+    loadgen.run_wrk(url, script, 8, seconds, gateway.pid)
     _, err = spy.communicate(timeout=seconds + 30)
     if not folded.exists():
         raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")

@@ -134,9 +134,7 @@ class Bench:
             for target in TARGETS:
                 server = self.servers[target]
                 url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
-                run = loadgen.run_wrk(
-                    url, scripts[target], clients, self.args.seconds, server.pids()
-                )
+                run = loadgen.run_wrk(url, scripts[target], clients, self.args.seconds, server.pid)
                 runs[target].append(run)
             self.sample_rss()
         return {t: loadgen.WrkResult(r) for t, r in runs.items()}

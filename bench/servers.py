@@ -55,10 +55,6 @@ class Server:
         """gunicorn's worker pids (the fake upstream is its own single process)."""
         return children(self.pid) or [self.pid]
 
-    def pids(self) -> list[int]:
-        """Every process whose CPU counts as this server's."""
-        return sorted({self.pid, *self.workers()})
-
     def wait_ready(self, body: bytes, key: str | None, timeout: float = 30) -> None:
         """Until a real request is answered 200 (gunicorn binds before workers boot)."""
         deadline = time.monotonic() + timeout
