@@ -45,6 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker-class", choices=["gthread", "gevent"], default="gthread")
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--limits-storage",
+        choices=["memory", "redis"],
+        help="default: memory for 1 worker, Redis (redis://127.0.0.1:6379/15) for more",
+    )
     parser.add_argument("--threads", type=int, help="gthread threads (default: gunicorn.conf)")
     parser.add_argument("--worker-connections", type=int, default=2000, help="gevent only")
     parser.add_argument("--gunicorn-arg", action="append", default=[], help="extra, repeatable")
@@ -100,7 +105,8 @@ class Bench:
         fake = servers.start_fake(self.tmp)
         self.servers["direct"] = fake
         fake.wait_ready(NONSTREAM_BODY, None)
-        storage = "memory://" if self.args.workers == 1 else REDIS_URI
+        backend = self.args.limits_storage or ("memory" if self.args.workers == 1 else "redis")
+        storage = "memory://" if backend == "memory" else REDIS_URI
         if storage.startswith("redis"):
             subprocess.run(["redis-cli", "-n", "15", "FLUSHDB"], check=True, capture_output=True)
         config = servers.write_config(self.tmp, fake.port, storage)
