@@ -1,15 +1,26 @@
 """gunicorn settings for the gateway (gunicorn reads ./gunicorn.conf.py by itself).
 
-LLM streams last seconds to minutes, so workers are threaded (gthread): a stream holds
-a thread, not a process, and each yielded chunk goes straight to the socket. Heroku-style
-hosts set PORT and WEB_CONCURRENCY; both are honoured. Override anything on the command
-line (`gunicorn -c gunicorn.conf.py --threads 64 app:app`).
+LLM streams last seconds to minutes, so a worker must hold many open streams at once.
+The default worker is gevent: the code stays synchronous, each request (and each
+stream's upstream reader) is a greenlet, and 1,000 concurrent streams cost a worker
+little (measured in bench/: README, "Performance"). KEYMEAI_WORKER_CLASS=gthread runs
+threaded workers instead (a stream holds a thread; GUNICORN_THREADS bounds them).
+Heroku-style hosts set PORT and WEB_CONCURRENCY; both are honoured.
 """
 
 import os
-import shutil
-import sys
-import tempfile
+
+# gevent must patch the standard library before anything imports ssl, sockets or locks,
+# in this master process too, whose forks are the workers.
+worker_class = os.environ.get("KEYMEAI_WORKER_CLASS", "gevent")
+if worker_class == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+
+import shutil  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 # prometheus-client chooses per-process files or plain memory when it is first imported,
 # which is by `keymeai` just below, in this master process, whose forks are the workers:
@@ -45,18 +56,18 @@ _memory_limits = _config.ratelimit.storage_uri.startswith("memory")
 bind = [f"0.0.0.0:{os.environ['PORT']}"] if os.environ.get("PORT") else ["127.0.0.1:8000"]
 # Memory limit storage is per process: one worker keeps the limits exact.
 workers = int(os.environ.get("WEB_CONCURRENCY") or (1 if _memory_limits else os.cpu_count() or 1))
-worker_class = "gthread"
-# A stream holds a thread for its whole length: threads bound the concurrent requests
-# of a worker (more wait in the accept queue).
+# gthread: a stream holds a thread for its whole length, so threads bound the concurrent
+# requests of a worker (more wait in the accept queue). gevent: connections do.
 threads = int(os.environ.get("GUNICORN_THREADS", "256"))
 worker_connections = 2000
 keepalive = 5
 # SIGTERM: in-flight streams get this long to finish (Heroku kills at 30 s).
 graceful_timeout = 25
 timeout = 60
-# Recycle workers now and then (a leak cannot grow forever); the jitter keeps them
-# from all restarting at once.
-max_requests = 20_000
+# Recycle workers now and then (a leak cannot grow forever); the jitter keeps them from
+# all restarting at once. Not with a single worker: its successor starts only once it
+# has drained its streams, and until then nobody accepts connections.
+max_requests = 20_000 if workers > 1 else 0
 max_requests_jitter = 2_000
 accesslog = None  # the gateway logs each completion itself, as JSON
 errorlog = "-"
@@ -68,6 +79,11 @@ control_socket_disable = True
 
 def on_starting(server):
     """Refuse layouts that would silently lose data or multiply limits; reset metrics."""
+    if server.cfg.worker_class_str != worker_class:
+        _refuse(
+            f"choose the worker class with KEYMEAI_WORKER_CLASS=gevent|gthread, not -k "
+            f"({server.cfg.worker_class_str!r}): gevent must patch before the gateway loads."
+        )
     if os.environ.get("DYNO") and _config.database_url.startswith("sqlite"):
         _refuse(
             "a Heroku-style dyno has an ephemeral disk: a SQLite ledger would lose every "
@@ -85,18 +101,27 @@ def on_starting(server):
     os.makedirs(directory, exist_ok=True)
 
 
+def post_fork(server, worker):
+    """Under gevent, let PostgreSQL queries yield to other greenlets while they wait
+    (psycopg2 is C code that gevent's patching cannot reach)."""
+    if worker_class == "gevent" and not _config.database_url.startswith("sqlite"):
+        from psycogreen.gevent import patch_psycopg
+
+        patch_psycopg()
+
+
 def post_worker_init(worker):
     """On SIGTERM, give streams most of the grace period to finish, then end the rest
     cleanly (an error event, a usage record) before the master kills the worker."""
     import signal
 
-    from keymeai.relay import interrupt_streams_in
+    from keymeai.relay import cut_streams_after
 
     stop = signal.getsignal(signal.SIGTERM)
     grace = worker.cfg.graceful_timeout
 
     def on_sigterm(signum, frame):
-        interrupt_streams_in(grace - min(5.0, grace / 2))
+        cut_streams_after(grace - min(5.0, grace / 2))
         if callable(stop):
             stop(signum, frame)
 

@@ -1,7 +1,7 @@
 """KeyMeAI's benchmark: the gateway's overhead against a bare passthrough, on loopback.
 
-    .venv/bin/python bench/run.py                       # gthread, 1 worker (~4.5 min)
-    .venv/bin/python bench/run.py --worker-class gevent
+    .venv/bin/python bench/run.py                       # gevent, 1 worker (~4.5 min)
+    .venv/bin/python bench/run.py --worker-class gthread
     .venv/bin/python bench/run.py --workers 2           # Redis limits (redis://.../15)
     .venv/bin/python bench/run.py --sections nonstream --runs 1 --seconds 2   # quick
 
@@ -43,7 +43,7 @@ REDIS_URI = "redis://127.0.0.1:6379/15"
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker-class", choices=["gthread", "gevent"], default="gthread")
+    parser.add_argument("--worker-class", choices=["gevent", "gthread"], default="gevent")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument(
         "--limits-storage",
@@ -72,8 +72,10 @@ def parse_args() -> argparse.Namespace:
 
 def gunicorn_overrides(args: argparse.Namespace) -> list[str]:
     overrides = ["--workers", str(args.workers)]
+    # gunicorn.conf.py takes the worker class from the environment (gevent patches early).
+    os.environ["KEYMEAI_WORKER_CLASS"] = args.worker_class
     if args.worker_class == "gevent":
-        overrides += ["-k", "gevent", "--worker-connections", str(args.worker_connections)]
+        overrides += ["--worker-connections", str(args.worker_connections)]
     elif args.threads:
         overrides += ["--threads", str(args.threads)]
     # No control socket: several gunicorns on one host would share its default path.

@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-from flask import Flask
+from typing import TYPE_CHECKING
 
-from . import account, admin, api, cli, dashboard, db, limits, logs, ops, pages, standing
-from .auth import KeyCache
-from .config import Config, load_config
-from .errors import register_error_handlers
-from .gateway import Gateway
-from .upstream import Router
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from .config import Config
 
 __all__ = ["create_app"]
 
 
 def create_app(config: Config | None = None) -> Flask:
-    """Build the gateway from `config` (default: config.toml and the environment)."""
+    """Build the gateway from `config` (default: config.toml and the environment).
+
+    The app's modules are imported here, not when the package is: gunicorn's master
+    reads the config (keymeai.config) before a gevent worker patches the standard
+    library, and ssl, sockets and locks must be imported after that patching.
+    """
+    from flask import Flask
+
+    from . import account, admin, api, cli, dashboard, db, limits, logs, ops, pages, standing
+    from .auth import KeyCache
+    from .config import load_config
+    from .errors import register_error_handlers
+    from .gateway import Gateway
+    from .upstream import Router
+
     config = config or load_config()
     logs.configure()
     app = Flask(__name__)

@@ -13,7 +13,7 @@ import logging
 import queue
 import select
 import socket
-import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,25 +48,17 @@ STREAM_INTERRUPTED = _error_event(
     "server_shutting_down",
 )
 
-# Streams being relayed by this process, so that a worker shutting down can end them
-# (and meter them) before it is killed.
-_streams: set[ChunkRelay] = set()
-_streams_lock = threading.Lock()
+# When the worker was asked to stop: the monotonic time from which running streams are
+# cut short. Set from a signal handler, so it is a plain assignment; each stream looks at
+# it between events and on every idle tick.
+_cut_at: float | None = None
 
 
-def interrupt_streams_in(seconds: float) -> None:
+def cut_streams_after(seconds: float) -> None:
     """End every stream still running `seconds` from now, each metered and closed with an
-    error event: called when the worker is asked to stop, ahead of its hard deadline."""
-    timer = threading.Timer(seconds, _interrupt_all)
-    timer.daemon = True
-    timer.start()
-
-
-def _interrupt_all() -> None:
-    with _streams_lock:
-        streams = list(_streams)
-    for stream in streams:
-        stream.interrupt()
+    error event: the worker is stopping, ahead of its hard deadline."""
+    global _cut_at
+    _cut_at = time.monotonic() + seconds
 
 
 class _BrokenChunk(Exception):
@@ -75,6 +67,10 @@ class _BrokenChunk(Exception):
 
 class _ClientGone:
     """The client closed its connection while the upstream was idle."""
+
+
+class _Cut:
+    """The worker is stopping and the stream's time is up."""
 
 
 def client_socket() -> Any:
@@ -141,7 +137,6 @@ class ChunkRelay:
         self.idle = 0.0
         self.saw_done = False
         self.saw_finish = False
-        self.interrupted = False
 
     def frame(self, event: bytes | None) -> bytes | None:
         """The bytes to send for one upstream event (None: nothing to send)."""
@@ -178,8 +173,6 @@ class ChunkRelay:
         that reads its usage right after `[DONE]` finds it in the ledger.
         """
         metrics.STREAMS.inc()
-        with _streams_lock:
-            _streams.add(self)
         try:
             data, end = first, None
             while not self.saw_done:
@@ -190,7 +183,7 @@ class ChunkRelay:
                     break
             if isinstance(end, _ClientGone):
                 return  # metered as client_closed on the way out
-            if self.interrupted:
+            if isinstance(end, _Cut):
                 self.meter.finish(200, "interrupted")
                 yield STREAM_INTERRUPTED
                 return
@@ -206,13 +199,15 @@ class ChunkRelay:
                 self.attempt.failed("failed mid-stream", reason)
                 yield STREAM_FAILED
         finally:
-            with _streams_lock:
-                _streams.discard(self)
             metrics.STREAMS.dec()
             self.close()
 
-    def _next(self) -> tuple[bytes | None, UpstreamEnded | UpstreamFailed | _ClientGone | None]:
+    def _next(
+        self,
+    ) -> tuple[bytes | None, UpstreamEnded | UpstreamFailed | _ClientGone | _Cut | None]:
         """The bytes to send next (None: nothing yet), or how the stream ended."""
+        if _cut_at is not None and time.monotonic() >= _cut_at:
+            return None, _Cut()
         try:
             event = self.events.get(timeout=min(self.keepalive, IDLE_TICK))
         except queue.Empty:
@@ -230,11 +225,6 @@ class ChunkRelay:
             return self.frame(event), None
         except _BrokenChunk as exc:
             return None, UpstreamFailed(str(exc))
-
-    def interrupt(self) -> None:
-        """Cut the stream short (the worker is stopping): wakes the relay loop."""
-        self.interrupted = True
-        self.events.close()
 
     def close(self) -> None:
         """Stop reading and meter once: the end of every stream, and the backstop for a

@@ -64,7 +64,7 @@ def test_port_and_web_concurrency_are_honoured(
     assert len(worker_pids(server, 3)) == 3
     log = server.log()
     assert f"Listening at: http://0.0.0.0:{server.port}" in log
-    assert "Using worker: gthread" in log
+    assert "Using worker: gevent" in log
     assert "Control socket" not in log
     assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
 
@@ -118,9 +118,23 @@ def test_settings_resolve_as_documented(config_data: dict[str, Any], tmp_path: P
     )
     assert settings["bind"] == "['0.0.0.0:5123']"
     assert settings["workers"] == "1"
-    assert settings["worker_class"] == "gthread"
-    assert int(settings["threads"]) >= 64
+    assert settings["worker_class"] == "gevent"
+    assert int(settings["worker_connections"]) >= 1000
     assert int(settings["graceful_timeout"]) < 30  # Heroku's SIGKILL comes at 30 s
+    # One worker is never recycled: nobody would accept connections while it drains.
+    assert settings["max_requests"] == "0"
+    env.update(WEB_CONCURRENCY="2", KEYMEAI_WORKER_CLASS="gthread")
+    result = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "--print-config", "app:app"],
+        cwd=ROOT,
+        env={**env, "REDIS_URL": "redis://127.0.0.1:6379/0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    settings = dict(re.findall(r"^(\w+)\s+= (.*)$", result.stdout, flags=re.MULTILINE))
+    assert settings["worker_class"] == "gthread" and int(settings["threads"]) >= 64
     assert int(settings["max_requests"]) > 0 and int(settings["max_requests_jitter"]) > 0
 
 

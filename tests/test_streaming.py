@@ -1,4 +1,5 @@
-"""Streaming under real gunicorn (gthread), as the Procfile runs it.
+"""Streaming under real gunicorn, as the Procfile runs it, with both worker models
+(gevent, the default, and gthread).
 
 What only the production HTTP layer can show: chunks reach the client one by one as the
 upstream sends them, a client that hangs up is noticed and metered within seconds, an
@@ -48,15 +49,15 @@ class Served:
     client: OpenAI  # the official SDK with the key
 
 
-@pytest.fixture
-def serve(start_gunicorn: Start, ledger: None) -> Iterator[Serve]:
-    """Start gunicorn on the test's config (edited first) with a key made in this
-    process's ledger. The SDK clients are closed before gunicorn is stopped: idle
-    keep-alive connections would make its graceful stop take seconds."""
+@pytest.fixture(params=["gevent", "gthread"])
+def serve(start_gunicorn: Start, ledger: None, request: pytest.FixtureRequest) -> Iterator[Serve]:
+    """Start gunicorn (each worker model) on the test's config (edited first) with a key
+    made in this process's ledger. The SDK clients are closed before gunicorn is stopped:
+    idle keep-alive connections would make its graceful stop take seconds."""
     made: list[Served] = []
 
     def start() -> Served:
-        server = start_gunicorn()
+        server = start_gunicorn(env={"KEYMEAI_WORKER_CLASS": request.param})
         key = keys.create_key("streamer", "standard")[1]
         client = OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=20)
         made.append(Served(server, key, client))
