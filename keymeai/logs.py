@@ -48,6 +48,12 @@ class RequestId(logging.Filter):
 
 def configure() -> None:
     """Send the gateway's logs to stderr as JSON (LOG_LEVEL sets the level)."""
+    # No line carries its caller's file and line or thread: looking them up is a stack
+    # walk and more on every line (logging's own documented optimisation; the request id
+    # says more). The process id stays: gunicorn's own lines show it.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     logger = logging.getLogger("keymeai")
     if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         return

@@ -17,18 +17,17 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from . import metrics
 from .config import Config, Provider, Upstream
 from .errors import ApiError, invalid
 from .metering import Meter
 from .sse import EventReader, UpstreamEnded, UpstreamFailed, describe_error
+from .transport import ProviderClient
 from .validation import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 MAX_ERROR_BODY = 64 * 1024
-USER_AGENT = "keymeai-gateway/1.0"
 ACCOUNT_ERROR_CODES = {"arrearage", "accountoverdueerror", "insufficient_quota"}
 
 
@@ -136,34 +134,12 @@ class Opened:
     first_event: bytes | None = None
 
 
-def _session(provider: Provider) -> requests.Session:
-    """A keep-alive pool for one provider, safe to share between threads."""
-    session = requests.Session()
-    # Proxies come from the environment once, not on every request (trust_env is slow),
-    # and no provider cookie is ever replayed for another customer.
-    session.proxies.update(requests.utils.get_environ_proxies(provider.base_url))
-    session.trust_env = False
-    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=provider.max_connections)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update(
-        {
-            "User-Agent": USER_AGENT,
-            "Authorization": f"Bearer {provider.api_key}",
-            "Content-Type": "application/json",
-            "Accept-Encoding": "identity",
-        }
-    )
-    return session
-
-
 class Router:
     """Sends chat requests to the upstreams of their model, in order."""
 
     def __init__(self, config: Config) -> None:
         self.providers = config.providers
-        self.sessions = {name: _session(p) for name, p in config.providers.items()}
+        self.clients = {name: ProviderClient(p) for name, p in config.providers.items()}
         self.breakers = {
             (u.provider, u.model): Breaker(
                 config.routing.failure_threshold,
@@ -233,11 +209,8 @@ class Router:
             # Always ask for usage: metering needs it even when the client did not.
             body["stream_options"] = dict(chat.body.get("stream_options") or {}, include_usage=True)
         try:
-            response = self.sessions[provider.name].post(
-                f"{provider.base_url}/chat/completions",
-                data=json.dumps(body, ensure_ascii=False).encode(),
-                timeout=(provider.connect_timeout, provider.read_timeout),
-                stream=True,
+            response = self.clients[provider.name].post(
+                json.dumps(body, ensure_ascii=False).encode()
             )
         except requests.RequestException as exc:
             raise _Unavailable(describe_error(exc)) from None
@@ -300,8 +273,8 @@ class Router:
         return Opened(attempt, events=events, first_event=first)
 
     def close(self) -> None:
-        for session in self.sessions.values():
-            session.close()
+        for client in self.clients.values():
+            client.close()
 
 
 def _error_object(raw: bytes) -> dict[str, Any]:
