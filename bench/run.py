@@ -72,8 +72,6 @@ def parse_args() -> argparse.Namespace:
 
 def gunicorn_overrides(args: argparse.Namespace) -> list[str]:
     overrides = ["--workers", str(args.workers)]
-    # gunicorn.conf.py takes the worker class from the environment (gevent patches early).
-    os.environ["KEYMEAI_WORKER_CLASS"] = args.worker_class
     if args.worker_class == "gevent":
         overrides += ["--worker-connections", str(args.worker_connections)]
     elif args.threads:
@@ -113,6 +111,8 @@ class Bench:
             subprocess.run(["redis-cli", "-n", "15", "FLUSHDB"], check=True, capture_output=True)
         config = servers.write_config(self.tmp, fake.port, storage)
         env = servers.gateway_env(config, fake.port)
+        # gunicorn.conf.py takes the worker class from the environment (gevent patches early).
+        env["KEYMEAI_WORKER_CLASS"] = self.args.worker_class
         self.key = servers.create_key(env)
         overrides = gunicorn_overrides(self.args)
         for name, app in (("passthrough", "passthrough:app"), ("gateway", "app:app")):

@@ -20,6 +20,7 @@ def create_app(config: Config | None = None) -> Flask:
     library, and ssl, sockets and locks must be imported after that patching.
     """
     from flask import Flask
+    from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import account, admin, api, cli, dashboard, db, limits, logs, ops, pages, standing
     from .auth import KeyCache
@@ -33,6 +34,11 @@ def create_app(config: Config | None = None) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.gateway.max_request_bytes
     app.json.ensure_ascii = False  # type: ignore[attr-defined]
+    if config.gateway.trusted_proxies:
+        # Behind a TLS-terminating proxy (Heroku's router, nginx): the client's address
+        # and scheme come from the X-Forwarded-* headers the trusted hops add.
+        hops = config.gateway.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
 
     db.open_database(config.database_url)
     db.upgrade()  # creates the tables on first start; a no-op once up to date

@@ -76,6 +76,7 @@ class GatewaySettings:
     max_request_bytes: int = 8 * 1024 * 1024
     key_cache_seconds: float = 2.0
     stream_keepalive_seconds: float = 10.0
+    trusted_proxies: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ def parse_config(
         max_request_bytes=gw.integer("max_request_bytes", 8 * 1024 * 1024),
         key_cache_seconds=gw.number("key_cache_seconds", 2.0, minimum=-1),
         stream_keepalive_seconds=gw.number("stream_keepalive_seconds", 10.0),
+        trusted_proxies=gw.integer("trusted_proxies", 0, minimum=0),
     )
     gw.done()
     if gateway.key_cache_seconds > 5:

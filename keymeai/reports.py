@@ -210,13 +210,19 @@ def to_json(rows: Sequence[ReportRow], by: str = "model") -> str:
     return "[" + ", ".join(items) + "]"
 
 
+def _text(value: str) -> str:
+    """A name as a cell a spreadsheet shows and never runs: a leading =, +, -, @ (or a
+    tab or carriage return) would make it a formula, so it gets an apostrophe."""
+    return f"'{value}" if value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def _cells(row: ReportRow, by: str) -> list[str]:
     day = [row.day.isoformat()] if by == "day" and row.day else []
     return [
         *day,
         str(row.key_id),
-        row.key_name,
-        row.model,
+        _text(row.key_name),
+        _text(row.model),
         str(row.requests),
         str(row.prompt_tokens),
         str(row.completion_tokens),

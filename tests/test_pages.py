@@ -170,6 +170,36 @@ def test_sign_in_attempts_are_limited_per_address(operator: Gateway) -> None:
         assert requests.get(f"{operator.url}/dashboard/signin", timeout=10).status_code == 200
 
 
+def test_behind_a_trusted_proxy_the_forwarded_client_and_scheme_count(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
+) -> None:
+    """gateway.trusted_proxies = 1 (Heroku's router): X-Forwarded-For names the client
+    whose sign-ins are counted, X-Forwarded-Proto: https makes the cookie Secure."""
+    config_data["gateway"]["trusted_proxies"] = 1
+    proxied = admin_gateway(start_gateway)[0]
+
+    def sign_in(client: str, token: str = "guess") -> requests.Response:
+        return requests.post(
+            f"{proxied.url}/dashboard/signin",
+            data={"token": token},
+            headers={"X-Forwarded-For": client, "X-Forwarded-Proto": "https"},
+            allow_redirects=False,
+            timeout=10,
+        )
+
+    assert [sign_in("203.0.113.7").status_code for _ in range(6)] == [401] * 5 + [429]
+    admitted = sign_in("198.51.100.9", ADMIN_TOKEN)  # another client behind the same proxy
+    assert admitted.status_code == 303 and "; Secure" in admitted.headers["Set-Cookie"]
+
+
+def test_names_in_csv_cannot_become_spreadsheet_formulas(operator: Gateway) -> None:
+    key = operator.create_key("standard", name='=HYPERLINK("http://x","pay")')
+    use(operator, key, {"deepseek-chat": 1})
+    csv_text = Admin(operator.url).get("/usage?format=csv").text
+    assert "'=HYPERLINK(" in csv_text
+    assert ",=HYPERLINK(" not in csv_text and '",""=HYPERLINK' not in csv_text
+
+
 def test_csv_download_is_the_usage_report(operator: Gateway) -> None:
     first, second = operator.create_key("standard", "a"), operator.create_key("hobby", 'b,"c"')
     use(operator, first, {"deepseek-chat": 2, "qwen-max": 1})
