@@ -199,7 +199,19 @@ class Gunicorn:
     def start(self, timeout: float = 20) -> Gunicorn:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", *self.args, "app:app"],
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-c",
+                "gunicorn.conf.py",
+                # Idle keep-alive connections of a test's clients would hold a stopping
+                # worker for the whole keep-alive time (5 s); a test may ask for more.
+                "--keep-alive",
+                "1",
+                *self.args,
+                "app:app",
+            ],
             cwd=ROOT,
             env=self.env,
             stdout=log,
