@@ -52,8 +52,8 @@ def browser_problem() -> str | None:
 
 
 def launch_browser() -> Iterator[Browser]:
-    """Headless Chromium, for a module's `browser` fixture. Playwright's launch() gives
-    it a fresh temporary profile (user data dir), removed when it closes."""
+    """Headless Chromium, for the `browser` fixture. Playwright's launch() gives it a
+    fresh temporary profile (user data dir), removed when it closes."""
     problem = browser_problem()
     if problem:
         services.unavailable(problem)

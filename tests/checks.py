@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import requests
+from hypothesis import strategies as st
 
 from tests.fake_upstream import FakeUpstream
 from tests.support import usage_records
@@ -79,3 +80,26 @@ class Api:
         """Nothing reached the upstream and nothing was metered."""
         assert self.upstream.requests == []
         assert usage_records() == []
+
+
+# Any string a JSON document can carry, including lone surrogates (from \\ud800 escapes),
+# which plain text() never draws.
+any_text = st.text(max_size=12) | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
+
+
+def any_json(max_leaves: int) -> st.SearchStrategy[Any]:
+    """Any JSON document: scalars (big integers and surrogates included), lists, objects."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | any_text
+    )
+    return st.recursive(
+        scalars,
+        lambda inner: (
+            st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+        ),
+        max_leaves=max_leaves,
+    )

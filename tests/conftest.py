@@ -250,3 +250,21 @@ def api(
     config_data["gateway"]["max_request_bytes"] = SMALL_BODY_LIMIT
     gateway = start_gateway()
     return Api(gateway, gateway.create_key("standard"), upstream)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Headless Chromium (Debian's) for a module of page tests."""
+    from tests.browser_support import launch_browser  # it imports this module
+
+    yield from launch_browser()
+
+
+@pytest.fixture
+def pages(browser: Any) -> Iterator[Any]:
+    """Pages opened in `browser` for one test, each in a context of its own."""
+    from tests.browser_support import Pages
+
+    opened = Pages(browser)
+    yield opened
+    opened.close()

@@ -3,31 +3,22 @@ shows what `GET /v1/usage` says of it, and nothing else."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
-
-import pytest
 
 from keymeai import keys
 from keymeai.billing import parse_usd
-from tests.browser_support import Pages, field, launch_browser, number, screenshot, use
+from tests.browser_support import (
+    Pages,
+    field,
+    number,
+    screenshot,
+    use,
+)
 from tests.conftest import Gateway
 from tests.support import usage_records
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page, Response
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    yield from launch_browser()
-
-
-@pytest.fixture
-def pages(browser: Browser) -> Iterator[Pages]:
-    opened = Pages(browser)
-    yield opened
-    opened.close()
+    from playwright.sync_api import Page, Response
 
 
 def look_up(page: Page, url: str, key: str) -> Response:

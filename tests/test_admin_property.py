@@ -11,23 +11,10 @@ from hypothesis import strategies as st
 
 from keymeai import keys
 from tests.billing_support import admin_gateway, openai_error
+from tests.checks import any_json, any_text
 from tests.conftest import Gateway
 
-_text = st.text(max_size=12) | st.text(st.characters(categories=["Cs"]), min_size=1, max_size=2)
-_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**70), 2**70)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | _text
-)
-_json = st.recursive(
-    _scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
-    ),
-    max_leaves=6,
-)
+_json = any_json(max_leaves=6)
 # Each field: values it accepts, mixed with anything JSON can hold.
 _fields = {
     "name": st.sampled_from(["Acme", "  padded  ", "名前"]) | _json,
@@ -41,7 +28,7 @@ _fields = {
     "tokens_per_month": st.sampled_from([1, 2**63 - 1, 2**63, 0]) | _json,
     "spend_cap": st.sampled_from(["25.00", "0.0000000001", "1e9", "-1", 7, 0.1]) | _json,
 }
-_bodies = st.fixed_dictionaries({}, optional=_fields) | st.dictionaries(_text, _json, max_size=3)
+_bodies = st.fixed_dictionaries({}, optional=_fields) | st.dictionaries(any_text, _json, max_size=3)
 _queries = st.dictionaries(
     st.sampled_from(["month", "key", "by", "format", "other"]),
     st.sampled_from(["2026-01", "9999-12", "1", "km-aaaaaaaa", "day", "csv", ""])
