@@ -69,6 +69,7 @@ class Tier:
     name: str
     requests: tuple[str, ...]
     tokens_per_month: int | None
+    max_concurrent: int | None = None  # requests of one key in flight at once
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,8 @@ class GatewaySettings:
     key_cache_seconds: float = 2.0
     stream_keepalive_seconds: float = 10.0
     trusted_proxies: int = 0
+    body_timeout_seconds: float = 30.0  # a request body must arrive within this
+    stream_write_timeout_seconds: float = 60.0  # a stream client must accept bytes within this
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,8 @@ def parse_config(
         key_cache_seconds=gw.number("key_cache_seconds", 2.0, minimum=-1),
         stream_keepalive_seconds=gw.number("stream_keepalive_seconds", 10.0),
         trusted_proxies=gw.integer("trusted_proxies", 0, minimum=0),
+        body_timeout_seconds=gw.number("body_timeout_seconds", 30.0),
+        stream_write_timeout_seconds=gw.number("stream_write_timeout_seconds", 60.0),
     )
     gw.done()
     if gateway.key_cache_seconds > 5:
@@ -290,8 +295,11 @@ def _parse_tiers(section: _Section) -> dict[str, Tier]:
         tier = section.section(name)
         requests = validate_limits(tier.take("requests", list), tier.key("requests"))
         tokens = tier.optional_integer("tokens_per_month")
+        concurrent = tier.optional_integer("max_concurrent")
         tier.done()
-        tiers[name] = Tier(name=name, requests=requests, tokens_per_month=tokens)
+        tiers[name] = Tier(
+            name=name, requests=requests, tokens_per_month=tokens, max_concurrent=concurrent
+        )
     if not tiers:
         raise ConfigError("tiers: at least one tier is required")
     return tiers

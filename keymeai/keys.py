@@ -41,6 +41,7 @@ class KeyInfo:
     spend_cap_units: int | None
     expires_at: dt.datetime | None
     revoked: bool
+    max_concurrent: int | None = None  # overrides the tier's
 
     @classmethod
     def from_row(cls, row: ApiKey) -> KeyInfo:
@@ -56,6 +57,7 @@ class KeyInfo:
             spend_cap_units=row.spend_cap_units,
             expires_at=row.expires_at,
             revoked=row.revoked_at is not None,
+            max_concurrent=row.max_concurrent,
         )
 
     def expired(self, now: dt.datetime) -> bool:

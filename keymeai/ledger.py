@@ -49,6 +49,7 @@ class ApiKey(BaseModel):
     tokens_per_month = BigIntegerField(null=True)  # overrides the tier's quota
     allowed_models = TextField(null=True)  # ","-joined model ids; NULL means all
     spend_cap_units = BigIntegerField(null=True)  # monthly spend cap in 1e-10 USD
+    max_concurrent = IntegerField(null=True)  # requests in flight at once; overrides the tier
     created_at = DateTimeField(default=utcnow)
     expires_at = DateTimeField(null=True)
     revoked_at = DateTimeField(null=True)
@@ -59,7 +60,8 @@ class UsageRecord(BaseModel):
 
     key = ForeignKeyField(ApiKey, backref="usage", on_delete="CASCADE", index=False)
     created_at = DateTimeField(default=utcnow)
-    request_id = CharField(max_length=128)
+    record_id = CharField(max_length=32, null=True, unique=True)  # the gateway's own id
+    request_id = CharField(max_length=128)  # the client's X-Request-Id (may repeat), or ours
     model = CharField(max_length=128)
     provider = CharField(max_length=64, null=True)
     upstream_model = CharField(max_length=128, null=True)
@@ -101,11 +103,19 @@ class UsageDaily(BaseModel):
 
 
 class QuotaReservation(BaseModel):
-    """Tokens a request in flight may still use, held against its key's token quota."""
+    """Tokens and cost a request in flight may still use, held against its key's token
+    quota and spend cap."""
 
     key = ForeignKeyField(ApiKey, on_delete="CASCADE")
     tokens = BigIntegerField()
+    cost_units = BigIntegerField(default=0)
     expires_at = DateTimeField(index=True)
 
 
-MODELS = [ApiKey, UsageRecord, UsageDaily, QuotaReservation]
+class DashboardSession(BaseModel):
+    """A signed-in dashboard session; the cookie carries the token whose hash is here.
+    Signing out deletes the row, so a copied cookie stops working at once."""
+
+    token_hash = CharField(max_length=64, unique=True)
+    created_at = DateTimeField(default=utcnow)
+    last_seen_at = DateTimeField(default=utcnow)

@@ -17,7 +17,12 @@ from tests.processes import cli_env, flask_cli, start_flask
 
 pytestmark = pytest.mark.both_databases
 
-ALL = ["0001_initial", "0002_usage_daily_day_index", "0003_drop_usage_record_key_index"]
+ALL = [
+    "0001_initial",
+    "0002_usage_daily_day_index",
+    "0003_drop_usage_record_key_index",
+    "0004_hardening",
+]
 
 
 def history(database_url: str) -> list[str]:
@@ -47,10 +52,15 @@ def test_upgrade_creates_the_schema_and_a_second_run_is_a_no_op(
     assert history(database_url) == ALL
     database = db.db.obj
     with db.connection():
-        assert {"api_key", "usage_record", "usage_daily", "quota_reservation"} <= set(
-            database.get_tables()
-        )
+        assert {
+            "api_key",
+            "usage_record",
+            "usage_daily",
+            "quota_reservation",
+            "dashboard_session",
+        } <= set(database.get_tables())
     assert "usage_daily_day" in index_names(database, "usage_daily")
+    assert "usage_record_record_id" in index_names(database, "usage_record")
 
 
 def test_four_concurrent_upgrades_apply_each_migration_once(
