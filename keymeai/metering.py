@@ -15,6 +15,7 @@ import functools
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 from peewee import InterfaceError, OperationalError
@@ -65,6 +66,7 @@ class Meter:
         self.key = key
         self.chat = chat
         self.request_id = request_id
+        self.record_id = uuid.uuid4().hex  # the record's own id: a retried write stays one
         self.started = time.monotonic()
         self.upstream: Upstream | None = None
         self.attempts = 0
@@ -112,6 +114,7 @@ class Meter:
             fields = {
                 "key": self.key.id,
                 "created_at": utcnow(),
+                "record_id": self.record_id,
                 "request_id": self.request_id,
                 "model": self.chat.model.id,
                 "provider": self.upstream.provider,
