@@ -36,6 +36,12 @@ def set_last_seen(moment: dt.datetime) -> None:
         DashboardSession.update(last_seen_at=moment).execute()
 
 
+def cookie_of(session: requests.Session) -> str:
+    cookie = session.cookies.get(COOKIE)
+    assert cookie, "not signed in"
+    return cookie
+
+
 def with_cookie(cookie: str) -> requests.Session:
     """A new client holding a copy of a session cookie."""
     session = requests.Session()
@@ -60,7 +66,7 @@ def test_a_cookie_copied_before_sign_out_opens_nothing(operator: Gateway) -> Non
     browser = signed_in(operator)
     form = f"{operator.url}/dashboard/keys/{key_id}"
     token = csrf(browser, form)
-    copied = browser.cookies[COOKIE]
+    copied = cookie_of(browser)
     other = signed_in(operator)  # another operator's session, untouched by this sign-out
     assert len(rows()) == 2
 
@@ -91,7 +97,7 @@ def test_a_cookie_copied_before_sign_out_opens_nothing(operator: Gateway) -> Non
 
 def test_the_ledger_keeps_no_session_token(operator: Gateway) -> None:
     browser = signed_in(operator)
-    cookie = browser.cookies[COOKIE]
+    cookie = cookie_of(browser)
     sid = cookie_payload(operator, cookie)["sid"]
     (row,) = rows()
     assert len(sid) >= 40 and sid not in row.token_hash
@@ -131,7 +137,7 @@ def test_a_new_admin_token_ends_every_session(
     operator: Gateway, start_gateway: Callable[..., Gateway]
 ) -> None:
     browser = signed_in(operator)
-    cookie = browser.cookies[COOKIE]
+    cookie = cookie_of(browser)
     rotated = start_gateway(env={"KEYMEAI_ADMIN_TOKEN": "a-brand-new-admin-token"})
     assert overview(with_cookie(cookie), rotated).status_code == 303  # the signature fails
 
