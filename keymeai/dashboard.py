@@ -3,11 +3,13 @@ revocation or change of tier, over the queries of the usage report and the admin
 
 Signed in through a form with the admin token (KEYMEAI_ADMIN_TOKEN, compared in
 constant time; without it the dashboard answers 404). Sign-in attempts are limited per
-client address by the app's limiter. The session is Flask's signed cookie: HttpOnly,
-SameSite=Strict, Secure when the request came over HTTPS, sent only to /dashboard, and
-void after SESSION_HOURS without a visit. Its signing key is derived from the admin
-token, so changing the token signs everyone out. Every form that changes something
-carries the session's CSRF token, compared in constant time.
+client address by the app's limiter, and wrong tokens count with those sent to /admin and
+/metrics (keymeai.guesses). The session is Flask's signed cookie: HttpOnly,
+SameSite=Strict, Secure when the request came over HTTPS, sent only to /dashboard. It
+carries a session token whose row in the ledger (keymeai.sessions) must still exist:
+signing out deletes it, and a session idle for sessions.IDLE ends. The cookie's signing
+key is derived from the admin token, so changing the token signs everyone out. Every
+form that changes something carries the session's CSRF token, compared in constant time.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from flask.sessions import SecureCookieSessionInterface
 from flask_limiter import Limiter
 from werkzeug.wrappers import Response as BaseResponse
 
-from . import admin, api, gateway, keys, pages, reports, standing
+from . import admin, api, gateway, guesses, keys, pages, reports, sessions, standing
 from .config import Config
 from .keys import KeyInfo
 from .ledger import ApiKey, utcnow
@@ -50,7 +52,6 @@ bp = Blueprint("dashboard", __name__, url_prefix="/dashboard")
 pages.init_blueprint(bp)
 
 SIGNIN_LIMIT = "5 per minute"  # per client address, wrong or right
-SESSION_HOURS = 8
 SESSION_SALT = b"keymeai dashboard session"
 
 
@@ -111,7 +112,7 @@ def init_app(app: Flask, config: Config, limiter: Limiter) -> None:
         SESSION_COOKIE_PATH="/dashboard",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
-        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=SESSION_HOURS),
+        PERMANENT_SESSION_LIFETIME=sessions.IDLE,
     )
     app.register_blueprint(bp)
     pages.limit_form(app, limiter, "dashboard.signin", SIGNIN_LIMIT)
@@ -125,7 +126,9 @@ def guard() -> BaseResponse | None:
         abort(404, "The dashboard is off on this server (KEYMEAI_ADMIN_TOKEN is not set).")
     if request.endpoint == "dashboard.signin":
         return None
-    if not session.get("signed_in"):
+    if not _signed_in():
+        if session:
+            session.clear()  # a signed-out or stale cookie: have the browser drop it
         return redirect(url_for(".signin"), 303)
     if request.method == "POST":
         expected = str(session.get("csrf", ""))
@@ -133,6 +136,21 @@ def guard() -> BaseResponse | None:
         if not expected or not hmac.compare_digest(supplied.encode(), expected.encode()):
             abort(403, "This form's security token is missing or out of date. Reload the page.")
     return None
+
+
+def _cookie_session() -> tuple[str, str] | None:
+    """The cookie's session token and the admin token its row is bound to."""
+    token = session.get("sid")
+    admin_token = gateway.current().config.admin_token
+    if isinstance(token, str) and admin_token is not None:
+        return token, admin_token
+    return None
+
+
+def _signed_in() -> bool:
+    """Whether the cookie names a session the ledger still holds (not signed out)."""
+    held = _cookie_session()
+    return held is not None and sessions.is_live(*held)
 
 
 @bp.app_template_global()
@@ -143,17 +161,17 @@ def csrf_token() -> str:
 @bp.route("/signin", methods=["GET", "POST"])
 def signin() -> BaseResponse | tuple[str, int]:
     if request.method == "GET":
-        if session.get("signed_in"):
+        if _signed_in():
             return redirect(url_for(".overview"), 303)
         return render_template("dashboard/signin.html"), 200
     token = gateway.current().config.admin_token or ""
     supplied = request.form.get("token", "")
-    if not hmac.compare_digest(supplied.encode(), token.encode()):
+    if not guesses.is_admin_token(supplied, token):
         log.warning("dashboard: sign-in refused", extra={"client": request.remote_addr})
         return render_template("dashboard/signin.html", error="That is not the admin token."), 401
-    session.clear()
+    _end_session()
     session.permanent = True
-    session["signed_in"] = True
+    session["sid"] = sessions.start(token)
     session["csrf"] = secrets.token_urlsafe(32)
     log.info("dashboard: signed in", extra={"client": request.remote_addr})
     return redirect(url_for(".overview"), 303)
@@ -161,8 +179,16 @@ def signin() -> BaseResponse | tuple[str, int]:
 
 @bp.post("/signout")
 def signout() -> BaseResponse:
-    session.clear()
+    _end_session()
     return redirect(url_for(".signin"), 303)
+
+
+def _end_session() -> None:
+    """Delete the cookie's session row, if any, and empty the cookie."""
+    held = _cookie_session()
+    if held is not None:
+        sessions.end(*held)
+    session.clear()
 
 
 def _month() -> dt.date:
