@@ -95,7 +95,12 @@ def init_app(app: Flask, limiter: Limiter, fail_open: bool) -> None:
 
 def is_admin_token(supplied: str, token: str) -> bool:
     """Whether `supplied` is the admin token (compared in constant time), counting a
-    wrong one against the client's address; 429 while the address is blocked."""
+    wrong one against the client's address; 429 while the address is blocked.
+
+    No token at all guesses nothing (a scraper not given the token yet): it is refused
+    without counting, so it cannot lock its own address out of the admin API."""
+    if not supplied:
+        return False
     correct = hmac.compare_digest(_utf8(supplied), _utf8(token))
     counter: GuessCounter = current_app.extensions[EXTENSION]
     client = get_remote_address()

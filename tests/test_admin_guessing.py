@@ -93,9 +93,14 @@ def test_wrong_tokens_count_together_on_admin_metrics_and_sign_in(
     server = start_gunicorn(env=ADMIN_ENV)
     guesser, other = Client(server.url, "127.0.0.2"), Client(server.url, "127.0.0.3")
 
-    # Right tokens are not counted, however many.
+    # Right tokens are not counted, however many; nor is no token at all (a scraper
+    # not given the token yet).
     for _ in range(2 * LIMIT):
         assert statuses([guesser.admin(ADMIN_TOKEN), guesser.metrics(ADMIN_TOKEN)]) == [200, 200]
+    for _ in range(LIMIT + 1):
+        bare = guesser.http.get(f"{server.url}/metrics", timeout=10)
+        assert bare.status_code == 401
+        assert guesser.admin("").status_code == 401
 
     wrong = [guesser.admin(f"guess-{n}") for n in range(4)]
     wrong += [guesser.metrics(f"guess-{n}") for n in range(4)]
