@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
-MAX_NAME_LENGTH = 200  # the ledger's column
 MAX_LIMIT_STRINGS = 10
 MAX_ECHO = 100  # characters of a client's value quoted back in an error message
 USAGE_PARAMS = ("month", "key", "by", "format")
@@ -90,18 +89,13 @@ def _echo(text: str) -> str:
     return text[:MAX_ECHO].encode("utf-8", "replace").decode("utf-8")
 
 
-def _text(value: Any, param: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise invalid(f"{param} must be a non-empty string", param)
-    if len(value) > MAX_NAME_LENGTH:
-        raise invalid(f"{param} must be at most {MAX_NAME_LENGTH} characters", param)
-    if any(ch < " " or ch == "\x7f" for ch in value):
-        raise invalid(f"{param} must not contain control characters", param)
+def _name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise invalid("name must be a non-empty string", "name")
     try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise invalid(f"{param} must be valid Unicode text", param) from None
-    return value.strip()
+        return keys.check_name(value)
+    except ValueError as exc:
+        raise invalid(str(exc), "name") from None
 
 
 def _tier(value: Any) -> str:
@@ -115,19 +109,13 @@ def _tier(value: Any) -> str:
 def _expires_at(value: Any) -> dt.datetime | None:
     if value is None:
         return None
-    message = "expires_at must be an ISO 8601 date or time (UTC unless an offset is given), e.g."
-    message += ' "2027-01-31" or "2027-01-31T12:00:00Z", or null for no expiry'
     if not isinstance(value, str):
+        message = f"expires_at must be {keys.EXPIRY_FORMAT}, or null for no expiry"
         raise invalid(message, "expires_at")
     try:
-        moment = dt.datetime.fromisoformat(value)
-        if moment.tzinfo is not None:
-            moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
-    except (ValueError, OverflowError):
-        raise invalid(message, "expires_at") from None
-    if moment <= utcnow():
-        raise invalid("expires_at is in the past; to stop a key now, revoke it", "expires_at")
-    return moment
+        return keys.parse_expiry(value)
+    except ValueError as exc:
+        raise invalid(str(exc), "expires_at") from None
 
 
 def _allowed_models(value: Any) -> str | None:
@@ -190,7 +178,7 @@ def _spend_cap(value: Any) -> int | None:
 
 
 SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
-    "name": ("name", lambda value: _text(value, "name")),
+    "name": ("name", _name),
     "tier": ("tier", _tier),
     "expires_at": ("expires_at", _expires_at),
     "allowed_models": ("allowed_models", _allowed_models),

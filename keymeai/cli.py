@@ -40,14 +40,38 @@ def _key(ref: str) -> ApiKey:
         raise click.ClickException(str(exc)) from None
 
 
+def _name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The admin API's rule for names (keys.check_name): a usage error, exit code 2."""
+    try:
+        return keys.check_name(value, "the name")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _expiry(ctx: click.Context, param: click.Parameter, value: str | None) -> dt.datetime | None:
+    """The admin API's rule for expiry (keys.parse_expiry): ISO 8601, in the future."""
+    if value is None:
+        return None
+    try:
+        return keys.parse_expiry(value, "the expiry")
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @keys_cli.command("create")
-@click.option("--name", required=True, help="Who the key is for.")
+@click.option("--name", required=True, callback=_name, help="Who the key is for.")
 @click.option("--tier", required=True, help="A tier of the config's tier table.")
-@click.option("--expires", type=click.DateTime(), help="Expiry (UTC), e.g. 2027-01-31.")
+@click.option(
+    "--expires",
+    callback=_expiry,
+    metavar="WHEN",
+    help="Expiry: ISO 8601, UTC unless an offset is given, e.g. 2027-01-31 or "
+    "2027-01-31T12:00:00+08:00.",
+)
 def create_key(name: str, tier: str, expires: dt.datetime | None) -> None:
     """Create a key; the key itself is printed once, alone on the last line."""
     row, plain = keys.create_key(name, _tier_choice(tier), expires)
-    click.echo(f"Created key {row.id} ({row.prefix}) for {name!r} on tier {tier}.", err=False)
+    click.echo(f"Created key {row.id} ({row.prefix}) for {row.name!r} on tier {tier}.", err=False)
     click.echo("Store it now: it cannot be shown again.")
     click.echo(plain)
 

@@ -21,6 +21,13 @@ KEY_RE = re.compile(r"km-[A-Za-z0-9_-]{32,200}")
 PREFIX_LENGTH = 11
 MAX_ID = 2**63 - 1
 MODEL_SEPARATOR = ","  # `allowed_models` is stored as one ","-joined text
+MAX_NAME_LENGTH = 200  # the ledger's column
+# C0 controls, DEL and C1 controls (Unicode's Cc): a name is shown in tables, pages, logs.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+EXPIRY_FORMAT = (
+    "an ISO 8601 date or time (UTC unless an offset is given), "
+    'e.g. "2027-01-31" or "2027-01-31T12:00:00Z"'
+)
 
 
 class UnknownKey(LookupError):
@@ -62,6 +69,38 @@ class KeyInfo:
 
     def expired(self, now: dt.datetime) -> bool:
         return self.expires_at is not None and self.expires_at <= now
+
+
+def check_name(value: str, label: str = "name") -> str:
+    """A key's name as stored (stripped), or ValueError saying what is wrong.
+
+    The one rule for every way a name is set (admin API, CLI), so they cannot drift.
+    """
+    if not value.strip():
+        raise ValueError(f"{label} must be a non-empty string")
+    if len(value) > MAX_NAME_LENGTH:
+        raise ValueError(f"{label} must be at most {MAX_NAME_LENGTH} characters")
+    if _CONTROL.search(value):
+        raise ValueError(f"{label} must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a JSON escape or undecodable argv
+        raise ValueError(f"{label} must be valid Unicode text") from None
+    return value.strip()
+
+
+def parse_expiry(text: str, label: str = "expires_at") -> dt.datetime:
+    """An expiry as stored (naive UTC), from ISO 8601 text; ValueError if it is not one
+    or is not in the future. Shared by the admin API and the CLI, like `check_name`."""
+    try:
+        moment = dt.datetime.fromisoformat(text)
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(dt.UTC).replace(tzinfo=None)
+    except (ValueError, OverflowError):  # OverflowError: 9999-12-31T23:59-23:59 in UTC
+        raise ValueError(f"{label} must be {EXPIRY_FORMAT}") from None
+    if moment <= utcnow():
+        raise ValueError(f"{label} is in the past; to stop a key now, revoke it")
+    return moment
 
 
 def generate_key() -> str:

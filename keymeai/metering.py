@@ -65,8 +65,8 @@ class Meter:
     def __init__(self, key: KeyInfo, chat: ChatRequest, request_id: str) -> None:
         self.key = key
         self.chat = chat
-        self.request_id = request_id
-        self.record_id = uuid.uuid4().hex  # the record's own id: a retried write stays one
+        self.request_id = request_id  # the client's X-Request-Id (may repeat), or ours
+        self.record_id = uuid.uuid4().hex  # the record's own id: a retried write stays one row
         self.started = time.monotonic()
         self.upstream: Upstream | None = None
         self.attempts = 0
@@ -139,6 +139,7 @@ class Meter:
             "chat completion",
             extra={
                 "request_id": self.request_id,
+                "record_id": self.record_id if fields is not None else None,
                 "key_id": self.key.id,
                 "model": self.chat.model.id,
                 "upstream": f"{self.upstream.provider}/{self.upstream.model}"
@@ -163,10 +164,12 @@ ROLLED_UP = ("prompt_tokens", "completion_tokens", "cached_tokens", "total_token
 def _statements(param: str) -> tuple[str, str, str]:
     """The three statements of a usage write, as SQL text built once per placeholder
     style: peewee's query builder cost more per request than SQLite's own work.
-    The same text serves SQLite and PostgreSQL (both have ON CONFLICT ... DO UPDATE)."""
+    The same text serves SQLite and PostgreSQL (both have ON CONFLICT). The record's
+    insert does nothing when its `record_id` is already there: see `write_usage`."""
     columns = ", ".join(UsageRecord._meta.fields[c].column_name for c in RECORD_COLUMNS)
     record = (
-        f"INSERT INTO usage_record ({columns}) VALUES ({', '.join([param] * len(RECORD_COLUMNS))})"
+        f"INSERT INTO usage_record ({columns}) VALUES ({', '.join([param] * len(RECORD_COLUMNS))}) "
+        "ON CONFLICT (record_id) DO NOTHING"
     )
     sums = ", ".join(ROLLED_UP)
     update = ", ".join(f"{c} = usage_daily.{c} + excluded.{c}" for c in ("requests", *ROLLED_UP))
@@ -184,13 +187,15 @@ def write_usage(fields: dict[str, Any] | None, reservation_id: int | None) -> No
 
     Retried on transient errors (a locked SQLite file, a dropped PostgreSQL connection);
     if the ledger stays unreachable the record is logged in full so it can be replayed.
+    Exactly-once: a connection lost after COMMIT but before its acknowledgement leaves
+    the record written, so the retry finds its `record_id` taken, inserts nothing and
+    then adds nothing to the roll-up either (the reservation's release is idempotent).
     """
     record, daily, release = _statements(db.param)
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
             with connection(), write_transaction():
-                if fields is not None:
-                    db.execute_sql(record, _record_values(fields))
+                if fields is not None and db.execute_sql(record, _record_values(fields)).rowcount:
                     db.execute_sql(
                         daily,
                         [fields["key"], fields["created_at"].date(), fields["model"], 1]

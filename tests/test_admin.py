@@ -232,7 +232,8 @@ def test_odd_json_is_refused(admin: tuple[Gateway, Admin]) -> None:
     for field in ("spend_cap", "tokens_per_month"):
         body = b'{"name": "x", "tier": "free", "%s": 1e400}' % field.encode()
         response = api.post("/keys", data=body, headers={"Content-Type": "application/json"})
-        assert response.status_code == 400 and openai_error(response)["param"] == field
+        assert response.status_code == 400  # refused while parsing: no number is infinite
+        assert "numbers must be finite" in openai_error(response)["message"]
     text = api.post("/keys", data=b"{}", headers={"Content-Type": "text/plain"})
     assert text.status_code == 400 and "Content-Type" in openai_error(text)["message"]
 

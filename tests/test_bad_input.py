@@ -150,10 +150,41 @@ def test_wrong_content_type_is_400(api: Api, raw: bytes, content_type: str | Non
     api.assert_rejected_for_free()
 
 
-def test_overflowing_number_is_not_a_temperature(api: Api) -> None:
-    raw = extra('"temperature": 1e999')  # parses as float("inf")
-    assert_openai_error(api.post(raw), 400, param="temperature")
+# Numbers JSON cannot carry, anywhere in the body: each would reach the provider as the
+# non-JSON `Infinity` or `NaN` if it were parsed and forwarded.
+NON_FINITE = {
+    "overflow": '"top_p": 1e400',
+    "negative overflow": '"top_p": -1e400',
+    "capital E": '"presence_penalty": 1E+999',
+    "overflow without exponent": '"top_p": 1' + "0" * 400 + ".5",
+    "NaN": '"top_p": NaN',
+    "Infinity": '"frequency_penalty": Infinity',
+    "-Infinity": '"top_p": -Infinity',
+    "temperature": '"temperature": 1e999',
+    "in a stream": '"stream": true, "top_p": 1e400',
+    "in a tool schema": '"tools": [{"type": "function", "function": {"name": "f", '
+    '"parameters": {"type": "object", "properties": {"x": {"maximum": 1e400}}}}}]',
+    "deep in metadata": '"metadata": {"a": [[{"b": [0.5, -1e400]}]]}',
+}
+
+
+@pytest.mark.parametrize("field", NON_FINITE.values(), ids=NON_FINITE)
+def test_non_finite_numbers_are_400(api: Api, field: str) -> None:
+    error = assert_openai_error(api.post(extra(field)), 400, param=None, code=None)
+    assert error["type"] == "invalid_request_error"
+    assert "numbers must be finite" in error["message"]
     api.assert_rejected_for_free()
+
+
+def test_huge_integers_are_numbers_not_errors(api: Api) -> None:
+    """An integer too large for a float is a number out of range, not a 500 (OverflowError);
+    elsewhere in the body it is valid JSON and passes through as it came."""
+    huge = "1" + "0" * 400
+    assert_openai_error(api.post(extra(f'"temperature": {huge}')), 400, param="temperature")
+    api.assert_rejected_for_free()
+    assert api.post(extra(f'"seed": {huge}, "top_p": 1e-400')).status_code == 200
+    [forwarded] = api.upstream.requests
+    assert forwarded.body["seed"] == 10**400 and forwarded.body["top_p"] == 0.0
 
 
 @pytest.mark.parametrize(

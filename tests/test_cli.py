@@ -287,6 +287,7 @@ def past_record(key_id: int) -> dict[str, Any]:
     return {
         "key": key_id,
         "created_at": dt.datetime(2025, 3, 15, 12, 0),
+        "record_id": "0" * 32,
         "request_id": "req_march",
         "model": "qwen-plus",
         "provider": "dashscope",

@@ -8,6 +8,7 @@ import datetime as dt
 import io
 import json
 import re
+import uuid
 from collections import defaultdict
 from decimal import Decimal
 from typing import Any
@@ -33,6 +34,7 @@ def record(key_id: int, at: dt.datetime, model: str = "qwen-plus", **counts: int
         {
             "key": key_id,
             "created_at": at,
+            "record_id": uuid.uuid4().hex,
             "request_id": f"req_{at:%Y%m%d%H%M%S%f}",
             "model": model,
             "provider": "dashscope",
