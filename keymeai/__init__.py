@@ -66,9 +66,11 @@ def create_app(config: Config | None = None) -> Flask:
     pages.init_app(app)
     dashboard.init_app(app, config, limiter)
     account.init_app(app, limiter)
+    router = Router(config)
+    logs.REDACT.add(router.scrub)  # no log line carries a provider's key or address
     app.extensions["keymeai"] = Gateway(
         config=config,
-        router=Router(config),
+        router=router,
         keys=KeyCache(config.gateway.key_cache_seconds),
         limiter=limiter,
     )

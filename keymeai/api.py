@@ -19,6 +19,7 @@ from .errors import ApiError, model_not_found
 from .keys import KeyInfo
 from .metering import Meter
 from .relay import relay
+from .unconfigured import refuse_unconfigured_model
 from .upstream import UpstreamModelError
 from .validation import parse_chat_request, parse_json_body
 
@@ -29,7 +30,9 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 def require_key() -> None:
     if request.method == "OPTIONS":
         return  # Flask's automatic answer (Allow: ...) reveals nothing; preflights carry no key
-    use_key(authenticate(gateway.current().keys))
+    gw = gateway.current()
+    use_key(authenticate(gw.keys))
+    refuse_unconfigured_model(gw.router.unconfigured)  # before the request limit counts
 
 
 def use_key(key: KeyInfo) -> None:

@@ -3,7 +3,9 @@
 Log lines carry the request id, the key id (never the key), model, upstream, status,
 latency and tokens, passed as `extra=`; a log shipper can index them as they are. Any
 line logged while a request is served gets that request's id, so a warning deep in
-the code can be matched with the `x-request-id` a customer reports.
+the code can be matched with the `x-request-id` a customer reports. No line carries a
+provider's key or address, whatever a provider sent and whoever logs it: the handler
+scrubs every line (`RedactSecrets`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import sys
 
 from flask import g, has_app_context
 
+from .scrub import Scrubber
+
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_SCALARS = (int, float, type(None))  # bool is an int
 
 
 class JsonFormatter(logging.Formatter):
@@ -31,7 +36,7 @@ class JsonFormatter(logging.Formatter):
         }
         entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
@@ -44,6 +49,55 @@ class RequestId(logging.Filter):
             if request_id:
                 record.request_id = request_id
         return True
+
+
+class RedactSecrets(logging.Filter):
+    """Take the providers' secrets out of a line: its message, its extra fields and its
+    traceback (requests' exceptions name the provider's URL).
+
+    The backstop for every line, whatever code logs it: provider text (error codes,
+    stream error events) is logged as it came. A line without secrets, nearly every
+    line, costs one look for the secrets' anchors in its text joined together.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scrub = Scrubber()
+
+    def add(self, scrubber: Scrubber) -> None:
+        """Scrub `scrubber`'s secrets too (one app per process, but tests make many)."""
+        self.scrub = self.scrub | scrubber
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        scrub = self.scrub
+        fields = vars(record)
+        texts = {}  # the extra fields, as text
+        for name in fields.keys() - _STANDARD:
+            value = fields[name]
+            if not isinstance(value, _SCALARS):
+                texts[name] = value if isinstance(value, str) else str(value)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _TRACEBACKS.formatException(record.exc_info)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # a bad format: scrubbed as is, reported by emit()
+            message = str(record.msg)
+        traces = (record.exc_text or "", record.stack_info or "")
+        if not scrub.finds("\n".join([message, *traces, *texts.values()])):
+            return True
+        record.msg, record.args = scrub(message), None
+        if record.exc_text:
+            record.exc_text = scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = scrub(record.stack_info)
+        for name, text in texts.items():
+            if scrub.finds(text):
+                setattr(record, name, scrub(text))
+        return True
+
+
+_TRACEBACKS = logging.Formatter()
+REDACT = RedactSecrets()  # on the gateway's handler; create_app adds its providers' secrets
 
 
 def configure() -> None:
@@ -60,6 +114,7 @@ def configure() -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RequestId())
+    handler.addFilter(REDACT)
     logger.addHandler(handler)
     logger.setLevel(os.environ.get("LOG_LEVEL", "INFO").upper())
     logger.propagate = False

@@ -152,7 +152,7 @@ class ChunkRelay:
         if not isinstance(chunk, dict):
             raise _BrokenChunk("stream event is not a JSON object")
         if "error" in chunk and "choices" not in chunk:
-            raise _BrokenChunk(f"upstream error mid-stream: {str(chunk['error'])[:200]}")
+            raise _BrokenChunk(f"upstream error mid-stream: {chunk['error']}")  # Attempt cuts it
         choices = chunk.get("choices")
         if not isinstance(choices, list):
             raise _BrokenChunk("stream chunk without choices")

@@ -3,9 +3,11 @@
 A model lists upstreams (provider + upstream model name), tried in order. Anything that
 says "this upstream cannot serve now" (no connection, a timeout, 429, 5xx, an account
 problem) moves on to the next; a complaint about the request itself goes back to the
-client as a 400. An upstream that keeps failing is skipped for a cooldown, so a dead
-provider costs clients no latency. Once the response to the client has started there is
-no failover: the relay (`relay.py`) takes it from there.
+client as a 400, its message scrubbed of the providers' secrets. An upstream that keeps
+failing is skipped for a cooldown, so a dead provider costs clients no latency while
+another upstream can serve; a model's last upstream is always tried. Once the response
+to the client has started there is no failover: the relay (`relay.py`) takes it from
+there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 
@@ -26,8 +27,10 @@ from . import metrics
 from .config import Config, Provider, Upstream
 from .errors import ApiError, invalid
 from .metering import Meter
+from .scrub import Scrubber
 from .sse import EventReader, UpstreamEnded, UpstreamFailed, describe_error
 from .transport import ProviderClient
+from .unconfigured import not_configured
 from .validation import ChatRequest
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("urllib3").setLevel(logging.ERROR)
 
 MAX_ERROR_BODY = 64 * 1024
+MAX_REASON = 300  # characters of an upstream's fault text in a log line
 ACCOUNT_ERROR_CODES = {"arrearage", "accountoverdueerror", "insufficient_quota"}
 
 
@@ -100,6 +104,7 @@ class Attempt:
     upstream: Upstream
     breaker: Breaker
     request_id: str
+    scrub: Scrubber
     reported: bool = False
 
     def succeeded(self) -> None:
@@ -108,6 +113,8 @@ class Attempt:
             self.breaker.succeeded()
 
     def failed(self, what: str, reason: str, level: int = logging.WARNING) -> None:
+        """Log the fault: `reason` may quote the provider, scrubbed before it is cut short
+        (the log filter could not recognise half a key)."""
         if not self.reported:
             self.reported = True
             self.breaker.failed(time.monotonic())
@@ -117,9 +124,18 @@ class Attempt:
             self.upstream.provider,
             self.upstream.model,
             what,
-            reason,
+            self.scrub(reason)[:MAX_REASON],
             extra={"request_id": self.request_id},
         )
+
+
+@dataclass(frozen=True)
+class Route:
+    """An upstream of a model that can be tried: its provider has an API key."""
+
+    upstream: Upstream
+    provider: Provider
+    breaker: Breaker
 
 
 @dataclass
@@ -140,7 +156,8 @@ class Router:
     def __init__(self, config: Config) -> None:
         self.providers = config.providers
         self.clients = {name: ProviderClient(p) for name, p in config.providers.items()}
-        self.breakers = {
+        self.scrub = Scrubber.for_providers(config.providers.values())
+        breakers = {
             (u.provider, u.model): Breaker(
                 config.routing.failure_threshold,
                 config.routing.cooldown_seconds,
@@ -153,54 +170,82 @@ class Router:
             for model in config.models.values()
             for u in model.upstreams
         }
+        # Upstreams whose provider has no API key are left out: they cannot serve.
+        self.routes = {
+            model.id: tuple(
+                Route(u, self.providers[u.provider], breakers[(u.provider, u.model)])
+                for u in model.upstreams
+                if self.providers[u.provider].api_key
+            )
+            for model in config.models.values()
+        }
+        self.unconfigured = frozenset(m for m, routes in self.routes.items() if not routes)
         for provider in config.providers.values():
             if not provider.api_key:
                 log.warning(
                     "provider %s has no API key: %s is not set", provider.name, provider.api_key_env
                 )
+        for model_id in sorted(self.unconfigured):
+            log.warning("model %s cannot be served: none of its providers has an API key", model_id)
 
     def open(self, chat: ChatRequest, meter: Meter) -> Opened:
         """The first upstream of the model that accepts the request, or a 503.
 
+        Upstreams cooling down are skipped; when all of them are, the one whose cooldown
+        ends first is tried all the same. Skipping it too would refuse the request
+        without trying anything, for the whole cooldown, though the upstream may be
+        serving again (a model's only upstream would be shut out after a few dropped
+        streams). So a 503 always means that upstreams were tried and failed.
         The meter learns of every attempt, so the ledger can say which upstream served.
         """
-        for upstream in chat.model.upstreams:
-            provider = self.providers[upstream.provider]
-            breaker = self.breakers[(upstream.provider, upstream.model)]
-            if not provider.api_key or not breaker.allow(time.monotonic()):
-                continue
-            meter.attempt(upstream)
-            attempt = Attempt(upstream, breaker, meter.request_id)
-            started = time.monotonic()
-            try:
-                opened = self._attempt(provider, attempt, chat)
-            except _Unavailable as exc:
-                metrics.upstream_failed_over(upstream.provider, str(exc))
-                attempt.failed("unavailable", str(exc))
-                continue
-            except UpstreamModelError as exc:
-                attempt.failed("gave an invalid response", exc.detail, logging.ERROR)
-                raise
-            except ApiError:
-                attempt.succeeded()  # it answered: the request was at fault, not the upstream
-                raise
-            metrics.UPSTREAM_LATENCY.labels(upstream.provider).observe(time.monotonic() - started)
-            if opened.events is None:
-                attempt.succeeded()
-            return opened
+        routes = self.routes[chat.model.id]
+        if not routes:
+            raise not_configured(chat.model.id)
+        tried = False
+        for route in routes:
+            if route.breaker.allow(time.monotonic()):
+                tried = True
+                if opened := self._try(route, chat, meter):
+                    return opened
+        if not tried:
+            soonest = min(routes, key=lambda r: r.breaker.open_until)
+            if opened := self._try(soonest, chat, meter):
+                return opened
         raise ApiError(
             503,
             f"No upstream can serve the model `{chat.model.id}` right now. Please retry shortly.",
             type="server_error",
             code="upstream_unavailable",
-            headers={"Retry-After": str(self._retry_after(chat))},
+            headers={"Retry-After": str(self._retry_after(routes))},
         )
 
-    def _retry_after(self, chat: ChatRequest) -> int:
+    def _try(self, route: Route, chat: ChatRequest, meter: Meter) -> Opened | None:
+        """The upstream's answer, or None when it cannot serve now (try the next)."""
+        upstream = route.upstream
+        meter.attempt(upstream)
+        attempt = Attempt(upstream, route.breaker, meter.request_id, self.scrub)
+        started = time.monotonic()
+        try:
+            opened = self._attempt(route.provider, attempt, chat)
+        except _Unavailable as exc:
+            metrics.upstream_failed_over(upstream.provider, str(exc))
+            attempt.failed("unavailable", str(exc))
+            return None
+        except UpstreamModelError as exc:
+            attempt.failed("gave an invalid response", exc.detail, logging.ERROR)
+            raise
+        except ApiError:
+            attempt.succeeded()  # it answered: the request was at fault, not the upstream
+            raise
+        metrics.UPSTREAM_LATENCY.labels(upstream.provider).observe(time.monotonic() - started)
+        if opened.events is None:
+            attempt.succeeded()
+        return opened
+
+    @staticmethod
+    def _retry_after(routes: tuple[Route, ...]) -> int:
         now = time.monotonic()
-        waits = [
-            self.breakers[(u.provider, u.model)].open_until - now for u in chat.model.upstreams
-        ]
+        waits = [route.breaker.open_until - now for route in routes]
         return max(1, min(30, math.ceil(min(waits))))
 
     def _attempt(self, provider: Provider, attempt: Attempt, chat: ChatRequest) -> Opened:
@@ -215,12 +260,12 @@ class Router:
         except requests.RequestException as exc:
             raise _Unavailable(describe_error(exc)) from None
         if response.status_code != 200:
-            self._refuse(response, provider)
+            self._refuse(response)
         if chat.stream:
             return self._open_stream(response, attempt, provider.read_timeout)
         return self._read_completion(response, attempt)
 
-    def _refuse(self, response: requests.Response, provider: Provider) -> None:
+    def _refuse(self, response: requests.Response) -> None:
         """Turn an upstream error status into failover or a 400 for the client."""
         status = response.status_code
         try:
@@ -235,7 +280,7 @@ class Router:
             message = error.get("message")
             if not isinstance(message, str) or not message:
                 message = "The upstream provider rejected the request."
-            raise invalid(f"Upstream rejected the request: {_scrub(message[:1000], provider)}")
+            raise invalid(f"Upstream rejected the request: {self.scrub(message)[:1000]}")
         raise _Unavailable(f"HTTP {status} {code}".strip())
 
     def _read_completion(self, response: requests.Response, attempt: Attempt) -> Opened:
@@ -287,12 +332,3 @@ def _error_object(raw: bytes) -> dict[str, Any]:
         return {}
     error = body.get("error", body)
     return error if isinstance(error, dict) else {"message": str(error)}
-
-
-def _scrub(text: str, provider: Provider) -> str:
-    """An upstream's message with the provider's key and address taken out, should it
-    ever echo them back."""
-    for secret in (provider.api_key, provider.base_url, urlsplit(provider.base_url).netloc):
-        if secret:
-            text = text.replace(secret, "[redacted]")
-    return text

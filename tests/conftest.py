@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import create_app, db, keys
+from keymeai import create_app, db, keys, logs
 from keymeai.config import Config, parse_config
 from tests import services
 from tests.checks import SMALL_BODY_LIMIT, Api
@@ -201,14 +201,17 @@ def gateway_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCapture
     """The gateway's log lines (INFO and up; third-party WARNING and up, as in production).
 
     The `keymeai` logger does not propagate to the root, so caplog's handler is hung on it
-    directly; other libraries' lines reach caplog through the root logger.
+    directly; other libraries' lines reach caplog through the root logger. It scrubs the
+    providers' secrets as the gateway's own handler does.
     """
     logger = logging.getLogger("keymeai")
     logger.addHandler(caplog.handler)
+    caplog.handler.addFilter(logs.REDACT)
     caplog.set_level(logging.WARNING)
     try:
         yield caplog
     finally:
+        caplog.handler.removeFilter(logs.REDACT)
         logger.removeHandler(caplog.handler)
 
 

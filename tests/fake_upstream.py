@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 SHAPES = ("deepseek", "dashscope", "ark")
 BASE_PATHS = {"deepseek": "v1", "dashscope": "compatible-mode/v1", "ark": "api/v3"}
@@ -50,11 +50,15 @@ FAULTS = {
     "wrongshape": "200 valid JSON without choices",
     "nousage": "like ok but never report usage",
     "empty": "200 application/json with an empty body",
+    "leak-400": "400 whose error echoes the bearer key (as sent, upper case, URL-encoded) "
+    "and the fake's host, port and URL",
+    "leak-500": "500 whose error echoes them likewise",
+    "leak-stream": "stream: two chunks, then an error event echoing them (else as leak-500)",
 }
 MODES = frozenset(["ok", *FAULTS, *map(str, ERROR_STATUSES)])
 # Modes whose streamed behaviour differs from the non-stream one.
 STREAM_MODES = frozenset(
-    ["ok", "slow", "nousage", "die", "hang-after-headers", "badjson", "wrongshape"]
+    ["ok", "slow", "nousage", "die", "hang-after-headers", "badjson", "wrongshape", "leak-stream"]
 )
 HANG_SECONDS = 60.0
 SLOW_INTERVAL = 0.5
@@ -391,6 +395,23 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 time.sleep(0.1)  # client sent more data; keep ignoring it
 
+    def _leak(self, status: int) -> dict:
+        """An error body echoing what a provider's text must never carry to the gateway's
+        clients or logs: the key it was sent and its own address, in several spellings."""
+        key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+        host, port = self.server.server_address[:2]
+        url = f"http://{host}:{port}{self.path.removesuffix('/chat/completions')}"
+        encoded = quote(key, safe="")
+        text = (
+            f"Key {key} ({key.upper()}, {encoded}, {encoded.lower()}, {quote(key)}, "
+            f"{quote_plus(key)}) "
+            f"is not valid on {host}:{port} (HTTPConnectionPool(host='{host}', port={port}); "
+            f"host {host}), see {url} or {quote(url, safe='')}"
+        )
+        body = error_body(self.shape, status, text)
+        body["error"]["code"] = f"{key.upper()}@{host}:{port}"
+        return body
+
     # -- request handling -------------------------------------------------------
 
     def _handle(self) -> None:
@@ -475,6 +496,9 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == "arrearage":
             status = 400
             data = json.dumps({**ARREARAGE, "request_id": str(uuid.uuid4())}).encode()
+        elif mode.startswith("leak-"):
+            status = 400 if mode == "leak-400" else 500
+            data = json.dumps(self._leak(status)).encode()
         elif mode == "octet-error":
             status, ctype = 500, "application/octet-stream"
             data = json.dumps(error_body(shape, 500)).encode()
@@ -509,6 +533,8 @@ class _Handler(BaseHTTPRequestHandler):
         elif mode == "wrongshape":
             wrong = b'{"object": "chat.completion.chunk", "result": "hello"}\n\n'
             events = [(prefix + wrong, None)] * 2 + events[-1:]
+        elif mode == "leak-stream":
+            events = [*events[:2], (prefix + json.dumps(self._leak(500)).encode() + b"\n\n", None)]
         charset = "; charset=utf-8" if shape == "deepseek" else ""
         self._headers(200, "text/event-stream" + charset, None)
         if shape == "deepseek":
@@ -520,7 +546,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._abort()
             if shape == "deepseek":
                 self._chunk(b": keep-alive\n\n")
-        complete = mode not in ("die", "hang-after-headers")
+        complete = mode not in ("die", "hang-after-headers", "leak-stream")
         for i, (data, usage) in enumerate(events, 1):
             if rec.chunks_sent and self._wait(interval):
                 return self._abort()

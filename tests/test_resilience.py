@@ -17,7 +17,7 @@ import pytest
 from keymeai.config import Provider
 from keymeai.db import connection
 from keymeai.ledger import UsageDaily, UsageRecord
-from keymeai.upstream import _scrub
+from keymeai.scrub import Scrubber
 from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,
@@ -264,4 +264,5 @@ def test_upstream_message_for_the_client_is_scrubbed_of_provider_secrets() -> No
         api_key="sk-secret",
     )
     message = "bad key sk-secret for https://llm.example.com/v1/chat (llm.example.com)"
-    assert _scrub(message, provider) == "bad key [redacted] for [redacted]/chat ([redacted])"
+    scrub = Scrubber.for_providers([provider])
+    assert scrub(message) == "bad key [redacted] for [redacted]/chat ([redacted])"

@@ -2,7 +2,8 @@
 
 A broken upstream must stop costing clients time once it has failed
 `routing.failure_threshold` times in a row: it is skipped for `routing.cooldown_seconds`,
-then one request probes it. Connections to a provider are pooled and reused.
+then one request probes it. When every upstream of a model cools down, the one whose
+cooldown ends first is still tried. Connections to a provider are pooled and reused.
 """
 
 from __future__ import annotations
@@ -124,18 +125,57 @@ def test_a_probe_in_flight_holds_off_further_probes(
         assert probe.result()[1] >= HANG
 
 
-def test_cooling_down_everywhere_gives_503_without_contacting_anyone(
+def test_cooling_down_everywhere_still_tries_an_upstream_before_503(
     route: Callable[..., Routed], upstream: FakeUpstream
 ) -> None:
     routed = route("503", routing={"failure_threshold": 1, "cooldown_seconds": 30})
     first, _ = chat(routed.client)
     assert isinstance(first, openai.InternalServerError) and first.status_code == 503
-    second, elapsed = chat(routed.client)
+    second, _ = chat(routed.client)
     assert isinstance(second, openai.InternalServerError) and second.status_code == 503
-    assert second.code == "upstream_unavailable" and elapsed < FAST
-    assert 25 <= int(second.response.headers["Retry-After"]) <= 30  # the cooldown left
-    assert upstream.count() == 1
-    assert len(usage_records()) == 1  # the second request reached no upstream
+    assert second.code == "upstream_unavailable"
+    assert 25 <= int(second.response.headers["Retry-After"]) <= 30  # the cooldown, renewed
+    assert upstream.count() == 2  # tried, though cooling down: the 503 is the upstream's
+    assert [r.attempts for r in usage_records()] == [1, 1]
+
+
+def test_a_models_only_upstream_serves_again_at_once_after_streams_died(
+    route: Callable[..., Routed], upstream: FakeUpstream
+) -> None:
+    """Three dropped streams open the breaker; the upstream recovered: no 503 for it."""
+    upstream.switches["only"] = "die"
+    routed = route("sw-only", routing={"failure_threshold": 3, "cooldown_seconds": 30})
+    for _ in range(3):
+        with pytest.raises(openai.APIError):
+            list(routed.client.chat.completions.create(**stream_request(words=8)))
+    upstream.switches["only"] = "ok"
+    for n in (4, 5):
+        chunks = list(routed.client.chat.completions.create(**stream_request(words=8)))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            " ".join(f"w{i}" for i in range(1, 9))
+        )
+        assert upstream.count(mode="sw-only") == n
+        served_by(routed, 0, attempts=1)
+    completion, elapsed = chat(routed.client)  # the success closed the breaker
+    assert completion.choices and elapsed < FAST
+
+
+def test_when_all_upstreams_cool_down_the_one_whose_cooldown_ends_first_is_tried(
+    route: Callable[..., Routed], upstream: FakeUpstream
+) -> None:
+    upstream.switches.update(first="503", second="503")
+    routed = route(
+        "sw-first", "sw-second", routing={"failure_threshold": 1, "cooldown_seconds": 30}
+    )
+    chat(routed.client)  # both fail: the first's cooldown ends first
+    assert (upstream.count(mode="sw-first"), upstream.count(mode="sw-second")) == (1, 1)
+    chat(routed.client)  # so the first is tried (and fails again: its cooldown now ends last)
+    assert (upstream.count(mode="sw-first"), upstream.count(mode="sw-second")) == (2, 1)
+    upstream.switches.update(first="ok", second="ok")
+    completion, _ = chat(routed.client)  # the second's cooldown ends first now
+    assert completion.choices
+    assert (upstream.count(mode="sw-first"), upstream.count(mode="sw-second")) == (2, 2)
+    served_by(routed, 1, attempts=1)
 
 
 def test_client_errors_do_not_count_as_upstream_failures(
