@@ -161,7 +161,7 @@ def test_a_request_in_flight_holds_tokens_and_cost(
     gateway = start_gateway(hobby)
     key = keys.create_key("held", tier, spend_cap_units=parse_usd("1"))[1]
     client = gateway.client(key)
-    knobs = {"words": 5, "first_delay": 1.5}
+    knobs = {"words": 5, "first_delay": 3}
     call = threading.Thread(target=ask, args=(client, knobs), kwargs={"max_completion_tokens": 150})
     call.start()
     try:
