@@ -54,7 +54,8 @@ def chat_completions() -> Response:
     gw = gateway.current()
     key = g.api_key
     raw = read_body(gw.config.gateway.max_request_bytes)
-    chat = parse_chat_request(parse_json_body(raw, request.content_type), gw.config.models)
+    body = parse_json_body(raw, request.content_type)
+    chat = parse_chat_request(body, gw.config.models, gw.config.quota.image_tokens)
     if key.allowed_models is not None and chat.model.id not in key.allowed_models:
         raise ApiError(
             403,
@@ -62,8 +63,7 @@ def chat_completions() -> Response:
             param="model",
             code="model_not_allowed",
         )
-    estimate = chat.prompt_estimate + (chat.max_tokens or gw.config.quota.default_completion_tokens)
-    reservation, g.quota = quota.reserve(key, g.tier, estimate, gw.config.quota)
+    reservation, g.quota = quota.reserve(key, g.tier, chat, gw.config.quota)
 
     meter = Meter(key, chat, g.request_id)
     meter.reservation_id = reservation

@@ -19,6 +19,10 @@ from urllib.parse import urlsplit
 
 from limits import parse_many
 
+from .tokens import IMAGE_TOKENS
+
+MAX_IMAGE_TOKENS = 1_000_000  # far above any model's; keeps reservations within BIGINT
+
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
 # Model ids appear in URLs, reports and comma-separated allow-lists.
@@ -93,6 +97,7 @@ class RateLimitSettings:
 class QuotaSettings:
     default_completion_tokens: int = 4096
     reservation_seconds: int = 900
+    image_tokens: int = IMAGE_TOKENS  # the prompt allowance of one image part
 
 
 @dataclass(frozen=True)
@@ -239,7 +244,10 @@ def parse_config(
     quota = QuotaSettings(
         default_completion_tokens=qs.integer("default_completion_tokens", 4096),
         reservation_seconds=qs.integer("reservation_seconds", 900),
+        image_tokens=qs.integer("image_tokens", IMAGE_TOKENS),
     )
+    if quota.image_tokens > MAX_IMAGE_TOKENS:
+        raise ConfigError(f"quota.image_tokens: must be at most {MAX_IMAGE_TOKENS}")
     qs.done()
 
     rs = root.section("routing")

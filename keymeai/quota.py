@@ -1,38 +1,62 @@
 """Monthly token quotas (the Hobby tier's 5M tokens) and spend caps, from the ledger.
 
-Before a request is forwarded it reserves what it may use: its prompt estimate plus
-`max_tokens` (or `quota.default_completion_tokens`). It is admitted only while the
-month's usage plus the reservations of requests in flight is below the quota, so
-concurrent requests cannot overdraw it by more than the one request that crosses the
-line. When the request ends, the meter replaces the reservation with the real count in
-the same transaction. A reservation whose request crashed lapses after
+Before a request is forwarded it reserves the most it may use (`Hold`): its prompt
+estimate (tokens.estimate_prompt_tokens) plus its completion allowance (the larger of
+`max_tokens` and `max_completion_tokens`, else `quota.default_completion_tokens`, times
+`n`), in tokens and in cost at the model's uncached input and output prices. It is
+admitted only while the month's usage plus the holds of requests in flight is below the
+token quota, and the month's cost plus their held cost below the spend cap, so
+concurrent requests cannot overdraw either by more than the one request that crosses
+the line. When the request ends, the meter replaces the hold with the real count and
+cost in the same transaction. A hold whose request crashed lapses after
 `quota.reservation_seconds`.
-
-A key's spend cap (`keys set-limits --spend-cap`) is checked the same way against the
-month's cost: once reached, the key gets 429 until the month ends.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from peewee import fn
 
 from . import metrics
-from .billing import format_usd, month_bounds
+from .billing import MAX_UNITS, Usage, cost_units, format_usd, month_bounds
 from .config import QuotaSettings, Tier
 from .db import connection, is_sqlite, write_transaction
 from .errors import ApiError
 from .keys import KeyInfo
 from .ledger import ApiKey, QuotaReservation, UsageDaily, utcnow
 from .limits import format_duration
+from .validation import ChatRequest
+
+# No hold is larger (about $900,000 or 9e15 tokens): the sum of a key's holds and its
+# month stay far inside the ledger's 64-bit integers whatever a request asks for.
+HOLD_CEILING = MAX_UNITS // 1024
+
+
+@dataclass(frozen=True)
+class Hold:
+    """The most a request may use: held against the quota and the cap while in flight."""
+
+    tokens: int
+    cost_units: int
+
+
+def hold_for(chat: ChatRequest, settings: QuotaSettings) -> Hold:
+    """The request's worst case: its prompt estimate at the uncached input price and its
+    completion allowance at the output price, in the billing's exact cost units."""
+    limit = chat.completion_limit or settings.default_completion_tokens
+    worst = Usage(prompt=chat.prompt_estimate, completion=limit * chat.choices)
+    return Hold(
+        min(worst.total, HOLD_CEILING),
+        min(cost_units(chat.model.price, worst), HOLD_CEILING),
+    )
 
 
 @dataclass(frozen=True)
 class MonthUsage:
-    """A key's calendar month so far (from the daily roll-ups) and its tokens in flight."""
+    """A key's calendar month so far (from the daily roll-ups) and its holds in flight."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -40,6 +64,7 @@ class MonthUsage:
     total_tokens: int = 0
     cost_units: int = 0
     reserved_tokens: int = 0
+    reserved_cost_units: int = 0
     lapsed_reservations: int = 0
 
 
@@ -48,9 +73,12 @@ def month_usage(key_id: int, now: dt.datetime) -> MonthUsage:
     settling in between cannot be counted twice or not at all."""
     start, _ = month_bounds(now)
     mine = QuotaReservation.key == key_id
-    live = QuotaReservation.select(fn.COALESCE(fn.SUM(QuotaReservation.tokens), 0)).where(
-        mine & (QuotaReservation.expires_at > now)
-    )
+    live = [
+        QuotaReservation.select(fn.COALESCE(fn.SUM(field), 0)).where(
+            mine & (QuotaReservation.expires_at > now)
+        )
+        for field in (QuotaReservation.tokens, QuotaReservation.cost_units)
+    ]
     lapsed = QuotaReservation.select(fn.COUNT(QuotaReservation.id)).where(
         mine & (QuotaReservation.expires_at <= now)
     )
@@ -65,7 +93,7 @@ def month_usage(key_id: int, now: dt.datetime) -> MonthUsage:
         )
     ]
     row: tuple[Any, ...] = (
-        UsageDaily.select(*sums, live, lapsed)
+        UsageDaily.select(*sums, *live, lapsed)
         .where((UsageDaily.key == key_id) & (UsageDaily.day >= start.date()))
         .tuples()
         .get()  # type: ignore[assignment]
@@ -113,35 +141,54 @@ def _refuse(message: str, now: dt.datetime, resets_at: dt.datetime, **headers: s
     )
 
 
-def _check_spend(key: KeyInfo, usage: MonthUsage, now: dt.datetime, resets_at: dt.datetime) -> None:
-    cap = key.spend_cap_units
-    if cap is not None and usage.cost_units >= cap:
-        metrics.REJECTIONS.labels("spend").inc()
+def _check_tokens(
+    limit: int | None, usage: MonthUsage, now: dt.datetime, resets_at: dt.datetime
+) -> QuotaState | None:
+    if limit is None:
+        return None
+    state = QuotaState(limit, usage.total_tokens, usage.reserved_tokens, resets_at)
+    if usage.total_tokens + usage.reserved_tokens >= limit:
+        metrics.REJECTIONS.labels("tokens").inc()
         raise _refuse(
-            f"This key reached its monthly spend cap of ${format_usd(cap)} "
-            f"(${format_usd(usage.cost_units)} spent this month).",
+            f"You exceeded your monthly token quota of {limit} tokens "
+            f"({usage.total_tokens} used, {usage.reserved_tokens} held by requests "
+            "in progress).",
             now,
             resets_at,
+            **state.headers(),
         )
+    return state
+
+
+def _check_spend(key: KeyInfo, usage: MonthUsage, now: dt.datetime, resets_at: dt.datetime) -> None:
+    cap = key.spend_cap_units
+    if cap is None or usage.cost_units + usage.reserved_cost_units < cap:
+        return
+    metrics.REJECTIONS.labels("spend").inc()
+    held = usage.reserved_cost_units
+    in_progress = f", ${format_usd(held)} held by requests in progress" if held else ""
+    raise _refuse(
+        f"This key reached its monthly spend cap of ${format_usd(cap)} "
+        f"(${format_usd(usage.cost_units)} spent this month{in_progress}).",
+        now,
+        resets_at,
+    )
 
 
 def reserve(
-    key: KeyInfo, tier: Tier, estimate: int, settings: QuotaSettings
+    key: KeyInfo, tier: Tier, chat: ChatRequest, settings: QuotaSettings
 ) -> tuple[int | None, QuotaState | None]:
-    """Hold `estimate` tokens for a request, or refuse it with 429 insufficient_quota.
+    """Hold the request's worst case (`hold_for`), or refuse it with 429 insufficient_quota.
 
-    Returns the reservation's id (None when the key has no token quota) and the state
-    for the response headers.
+    Returns the reservation's id (None when the key has neither a token quota nor a
+    spend cap) and the token quota's state for the response headers.
     """
     limit = token_quota(key, tier)
     if limit is None and key.spend_cap_units is None:
         return None, None
+    hold = hold_for(chat, settings)
     now = utcnow()
     _, resets_at = month_bounds(now)
-    if limit is None:  # a spend cap alone holds nothing: one read decides
-        with connection():
-            _check_spend(key, month_usage(key.id, now), now, resets_at)
-        return None, None
     with connection(), write_transaction():
         if not is_sqlite():
             # Serialise admissions per key; SQLite's IMMEDIATE transaction already does.
@@ -151,23 +198,14 @@ def reserve(
             QuotaReservation.delete().where(
                 (QuotaReservation.key == key.id) & (QuotaReservation.expires_at <= now)
             ).execute()
-        state = QuotaState(limit, usage.total_tokens, usage.reserved_tokens, resets_at)
-        if usage.total_tokens + usage.reserved_tokens >= limit:
-            metrics.REJECTIONS.labels("tokens").inc()
-            raise _refuse(
-                f"You exceeded your monthly token quota of {limit} tokens "
-                f"({usage.total_tokens} used, {usage.reserved_tokens} held by requests "
-                "in progress).",
-                now,
-                resets_at,
-                **state.headers(),
-            )
+        state = _check_tokens(limit, usage, now, resets_at)
         _check_spend(key, usage, now, resets_at)
         reservation = QuotaReservation.create(
             key=key.id,
-            tokens=estimate,
+            tokens=hold.tokens,
+            cost_units=hold.cost_units,
             expires_at=now + dt.timedelta(seconds=settings.reservation_seconds),
         )
-    return reservation.id, QuotaState(
-        limit, usage.total_tokens, usage.reserved_tokens + estimate, resets_at
-    )
+    if state is not None:
+        state = replace(state, reserved=state.reserved + hold.tokens)
+    return reservation.id, state

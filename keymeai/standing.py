@@ -112,7 +112,8 @@ def standing() -> dict[str, Any]:
             else {
                 "limit": format_usd(cap),
                 "used": format_usd(month.cost_units),
-                "remaining": format_usd(max(0, cap - month.cost_units)),
+                "in_flight": format_usd(month.reserved_cost_units),
+                "remaining": format_usd(max(0, cap - month.cost_units - month.reserved_cost_units)),
                 **_reset(end, now),
             },
         },

@@ -16,7 +16,7 @@ from typing import Any
 
 from .config import Model
 from .errors import ApiError, invalid, model_not_found
-from .tokens import estimate_prompt_tokens
+from .tokens import IMAGE_TOKENS, estimate_prompt_tokens
 
 ROLES = ("system", "user", "assistant", "tool")
 JSON_TYPES = ("application/json",)
@@ -25,6 +25,9 @@ JSON_TYPES = ("application/json",)
 MAX_DEPTH = 100
 # No model comes near it; the bound keeps the quota reservation within a 64-bit column.
 MAX_TOKENS = 2**31 - 1
+# OpenAI's bound on `n`; a larger one is left for the provider to refuse.
+MAX_CHOICES = 128
+COMPLETION_LIMITS = ("max_tokens", "max_completion_tokens")
 # A \ud800-\udfff escape: fine in a surrogate pair, but alone it decodes to a string
 # that cannot be encoded as UTF-8 for the upstream.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -38,7 +41,9 @@ class ChatRequest:
     model: Model
     stream: bool
     include_usage: bool  # the client asked for the usage chunk of a stream
-    max_tokens: int | None
+    # The larger of max_tokens and max_completion_tokens (LangChain sends the latter).
+    completion_limit: int | None
+    choices: int  # `n`: each choice may use completion_limit tokens
     prompt_estimate: int
 
 
@@ -114,8 +119,12 @@ def _is_unicode(body: dict[str, Any]) -> bool:
     return True
 
 
-def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> ChatRequest:
-    """Check the documented parameters; the rest is the provider's business."""
+def parse_chat_request(
+    body: dict[str, Any], models: Mapping[str, Model], image_tokens: int = IMAGE_TOKENS
+) -> ChatRequest:
+    """Check the documented parameters; the rest is the provider's business.
+
+    `image_tokens` is the prompt allowance of one image part (`[quota] image_tokens`)."""
     model_id = body.get("model")
     if model_id is None:
         raise invalid("you must provide a model parameter", "model")
@@ -129,9 +138,8 @@ def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> Cha
     temperature = body.get("temperature")
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature must be a number between 0 and 2", "temperature")
-    max_tokens = body.get("max_tokens")
-    if max_tokens is not None and not (_is_int(max_tokens) and 0 < max_tokens <= MAX_TOKENS):
-        raise invalid(f"max_tokens must be an integer from 1 to {MAX_TOKENS}", "max_tokens")
+    limits = [_completion_limit(body, name) for name in COMPLETION_LIMITS]
+    completion_limit = max((limit for limit in limits if limit is not None), default=None)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -152,9 +160,22 @@ def parse_chat_request(body: dict[str, Any], models: Mapping[str, Model]) -> Cha
         model=model,
         stream=stream,
         include_usage=include_usage and stream,
-        max_tokens=max_tokens,
-        prompt_estimate=estimate_prompt_tokens(body["messages"]),
+        completion_limit=completion_limit,
+        choices=_choices(body.get("n")),
+        prompt_estimate=estimate_prompt_tokens(body, image_tokens),
     )
+
+
+def _choices(n: Any) -> int:
+    """How many completions `n` asks for; an invalid `n` is the provider's to refuse."""
+    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
+
+
+def _completion_limit(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and not (_is_int(value) and 0 < value <= MAX_TOKENS):
+        raise invalid(f"{name} must be an integer from 1 to {MAX_TOKENS}", name)
+    return value
 
 
 def _check_messages(messages: Any) -> None:
