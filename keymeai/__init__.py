@@ -22,7 +22,20 @@ def create_app(config: Config | None = None) -> Flask:
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import account, admin, api, cli, dashboard, db, limits, logs, ops, pages, standing
+    from . import (
+        account,
+        admin,
+        api,
+        cli,
+        concurrency,
+        dashboard,
+        db,
+        limits,
+        logs,
+        ops,
+        pages,
+        standing,
+    )
     from .auth import KeyCache
     from .config import load_config
     from .errors import register_error_handlers
@@ -49,6 +62,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(standing.bp)
     app.register_blueprint(admin.bp)
     limiter = limits.init_app(app, config)
+    concurrency.init_app(app, config, limiter)
     pages.init_app(app)
     dashboard.init_app(app, config, limiter)
     account.init_app(app, limiter)
