@@ -41,6 +41,7 @@ from .keys import KeyInfo
 
 log = logging.getLogger(__name__)
 
+MAX_CONCURRENT = 2**31 - 1  # the ledger's INTEGER column
 RETRY_AFTER = 1  # seconds: a slot frees when any of the key's requests ends
 REDIS_RETRY_SECONDS = 5.0  # "allow": how long to count in memory before trying Redis again
 EXTENSION = "keymeai.concurrency"
@@ -258,6 +259,21 @@ class Concurrency:
         """The key's requests in flight now (StorageError if Redis cannot be read)."""
         store = self._store()
         return store.acquire(key.id, 0, "")[1]
+
+
+def standing(key: KeyInfo, tier: Tier) -> dict[str, Any] | None:
+    """The key's bound and its requests in flight now, for `GET /v1/usage`; None when
+    unbounded. `in_flight` and `remaining` are None when the storage cannot be read."""
+    limit = bound(key, tier)
+    if limit is None:
+        return None
+    try:
+        in_flight: int | None = current().in_flight(key)
+    except StorageError as exc:
+        log.warning("usage: concurrency storage unreachable: %s", type(exc.storage_error).__name__)
+        in_flight = None
+    remaining = None if in_flight is None else max(0, limit - in_flight)
+    return {"max_concurrent": limit, "in_flight": in_flight, "remaining": remaining}
 
 
 def init_app(app: Flask, config: Config, limiter: Limiter) -> None:
