@@ -6,6 +6,7 @@ worker's slots lapse with their lease."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from keymeai import keys
 from tests.billing_support import admin_gateway
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.limit_support import HI, MODEL, cli, sdk, wait_until, worker_pids
+from tests.limit_support import HI, MODEL, RedisServer, cli, sdk, wait_until, worker_pids
 from tests.support import (
     ROUTED_MODEL,
     Gunicorn,
@@ -320,3 +321,31 @@ def test_unreachable_redis_allow_counts_in_memory(
     streams.append(admitted_within(client))
     for stream in streams:
         stream.close()
+
+
+def test_two_storage_round_trips_per_bounded_request(
+    start_gateway: Callable[..., Gateway], bounded: dict[str, Any]
+) -> None:
+    """One script call takes the slot, one ZREM gives it back; nothing else per request
+    (leases are renewed only for requests running longer than a third of the lease)."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    store = RedisServer().start()
+    try:
+        bounded["ratelimit"] = {"storage_uri": store.url}
+        gateway = start_gateway(bounded)
+        client = gateway.client(gateway.create_key("free"))
+        client.chat.completions.create(model=MODEL, messages=HI)  # loads the scripts
+        redis.Redis(port=store.port).config_resetstat()
+        for _ in range(10):
+            client.chat.completions.create(model=MODEL, messages=HI)
+        calls = store.commands()
+        for own in ("hello", "config|resetstat", "info"):  # the test's own client
+            calls.pop(own, None)
+        inside = {"incrby", "pttl", "time", "zremrangebyscore", "zcard", "zadd", "pexpire"}
+        assert {name: n for name, n in calls.items() if name not in inside} == {
+            "evalsha": 20,
+            "zrem": 10,
+        }
+    finally:
+        store.kill()
