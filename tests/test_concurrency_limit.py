@@ -196,7 +196,7 @@ def test_the_key_override_beats_the_tier_set_by_admin_api_and_cli(
 def test_the_dashboard_sets_and_clears_the_bound(
     start_gateway: Callable[..., Gateway], bounded: dict[str, Any], pages: Any
 ) -> None:
-    from tests.browser_support import field, sign_in
+    from tests.browser_support import field, screenshot, sign_in
 
     gateway = admin_gateway(start_gateway, bounded)[0]
     key = gateway.create_key("free", name="Initech")
@@ -215,6 +215,7 @@ def test_the_dashboard_sets_and_clears_the_bound(
     assert "at most 1 at once" in refusal(client).message
     page.reload()
     assert field(page, "limits.concurrency.in_flight").startswith("1")
+    screenshot(page, "dashboard-key-concurrency")
 
     page.fill("#max_concurrent", "")
     page.click("text=Set bound")
