@@ -27,6 +27,7 @@ def create_app(config: Config | None = None) -> Flask:
         admin,
         api,
         cli,
+        concurrency,
         dashboard,
         db,
         guesses,
@@ -63,6 +64,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.register_blueprint(admin.bp)
     limiter = limits.init_app(app, config)
     guesses.init_app(app, limiter, fail_open=config.ratelimit.on_storage_error == "allow")
+    concurrency.init_app(app, config, limiter)
     pages.init_app(app)
     dashboard.init_app(app, config, limiter)
     account.init_app(app, limiter)

@@ -24,6 +24,7 @@ from flask import Blueprint, Response, request, url_for
 from . import gateway, keys, reports
 from .auth import require_admin_token
 from .billing import MAX_UNITS, format_usd, parse_usd
+from .concurrency import MAX_CONCURRENT
 from .config import ConfigError, validate_limits
 from .errors import ApiError, invalid
 from .ledger import ApiKey, utcnow
@@ -76,6 +77,7 @@ def key_object(row: ApiKey, now: dt.datetime) -> dict[str, Any]:
         "requests": row.request_limits.split(";") if row.request_limits else None,
         "tokens_per_month": row.tokens_per_month,
         "spend_cap": format_usd(row.spend_cap_units) if row.spend_cap_units is not None else None,
+        "max_concurrent": row.max_concurrent,
     }
 
 
@@ -177,6 +179,18 @@ def _spend_cap(value: Any) -> int | None:
         raise invalid(f"spend_cap: {exc}", "spend_cap") from None
 
 
+def _max_concurrent(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_CONCURRENT:
+        raise invalid(
+            f"max_concurrent must be an integer from 1 to {MAX_CONCURRENT}, or null for the "
+            "tier's bound",
+            "max_concurrent",
+        )
+    return value
+
+
 SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _name),
     "tier": ("tier", _tier),
@@ -185,6 +199,7 @@ SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "requests": ("request_limits", _requests),
     "tokens_per_month": ("tokens_per_month", _tokens_per_month),
     "spend_cap": ("spend_cap_units", _spend_cap),
+    "max_concurrent": ("max_concurrent", _max_concurrent),
 }
 REQUIRED_ON_CREATE = ("name", "tier")
 

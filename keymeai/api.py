@@ -1,8 +1,9 @@
 """The OpenAI-compatible API under /v1.
 
 A chat completion reads top to bottom: auth (the blueprint hook) → request limit
-(Flask-Limiter, attached by `limits.init_app`) → validation → token quota → route to an
-upstream → relay to the client → meter. The meter is finished on every way out.
+(Flask-Limiter, attached by `limits.init_app`) → concurrency slot → validation → token
+quota → route to an upstream → relay to the client → meter. The meter is finished on
+every way out, and the slot released with it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import gateway, quota
+from . import concurrency, gateway, quota
 from .auth import authenticate
 from .config import Model
 from .errors import ApiError, model_not_found
@@ -50,6 +51,7 @@ def use_key(key: KeyInfo) -> None:
 
 
 @bp.post("/chat/completions")
+@concurrency.holding_slot
 def chat_completions() -> Response:
     gw = gateway.current()
     key = g.api_key
@@ -67,6 +69,7 @@ def chat_completions() -> Response:
 
     meter = Meter(key, chat, g.request_id)
     meter.reservation_id = reservation
+    meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)
         return relay(opened, chat, meter, gw.config.gateway.stream_keepalive_seconds)

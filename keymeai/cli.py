@@ -12,6 +12,7 @@ from flask.cli import AppGroup
 
 from . import db, gateway, keys, reports
 from .billing import format_usd, parse_usd
+from .concurrency import MAX_CONCURRENT
 from .config import ConfigError, validate_limits
 from .ledger import ApiKey, utcnow
 
@@ -90,6 +91,8 @@ def list_keys() -> None:
             limits = f"{limits} {row.tokens_per_month} tokens/month".strip()
         if row.spend_cap_units is not None:
             limits = f"{limits} ${format_usd(row.spend_cap_units)}/month".strip()
+        if row.max_concurrent is not None:
+            limits = f"{limits} {row.max_concurrent} concurrent".strip()
         table.append(
             (
                 str(row.id),
@@ -137,7 +140,11 @@ def _limits_text(row: ApiKey) -> str:
     requests = row.request_limits or "from tier"
     tokens = row.tokens_per_month if row.tokens_per_month is not None else "from tier"
     cap = f"${format_usd(row.spend_cap_units)}" if row.spend_cap_units is not None else "none"
-    return f"requests {requests}, tokens/month {tokens}, spend cap/month {cap}"
+    concurrent = row.max_concurrent if row.max_concurrent is not None else "from tier"
+    return (
+        f"requests {requests}, tokens/month {tokens}, spend cap/month {cap}, "
+        f"concurrent {concurrent}"
+    )
 
 
 @keys_cli.command("set-limits")
@@ -159,18 +166,30 @@ def _limits_text(row: ApiKey) -> str:
     metavar="USD",
     help="Monthly spend cap in USD (e.g. 25.00): once reached, requests get 429.",
 )
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(min=1, max=MAX_CONCURRENT),
+    help="Requests of the key in flight at once; beyond it 429. Overrides the tier.",
+)
 @click.option("--clear", is_flag=True, help="Drop the key's own limits and spend cap.")
 def set_limits(
     key: str,
     request_limits: tuple[str, ...],
     tokens_per_month: int | None,
     spend_cap: int | None,
+    max_concurrent: int | None,
     clear: bool,
 ) -> None:
     """Give KEY its own limits (the Scale tier's custom limits) or a spend cap."""
     row = _key(key)
     if clear:
-        row = keys.update_key(row, request_limits=None, tokens_per_month=None, spend_cap_units=None)
+        row = keys.update_key(
+            row,
+            request_limits=None,
+            tokens_per_month=None,
+            spend_cap_units=None,
+            max_concurrent=None,
+        )
     else:
         changes: dict[str, object] = {}
         if request_limits:
@@ -183,8 +202,12 @@ def set_limits(
             changes["tokens_per_month"] = tokens_per_month
         if spend_cap is not None:
             changes["spend_cap_units"] = spend_cap
+        if max_concurrent is not None:
+            changes["max_concurrent"] = max_concurrent
         if not changes:
-            raise click.UsageError("give --requests, --tokens-per-month, --spend-cap or --clear")
+            raise click.UsageError(
+                "give --requests, --tokens-per-month, --spend-cap, --max-concurrent or --clear"
+            )
         row = keys.update_key(row, **changes)
     click.echo(f"Key {row.id} ({row.prefix}): {_limits_text(row)}.")
 

@@ -91,6 +91,7 @@ class RateLimitSettings:
     storage_uri: str = "memory://"
     on_storage_error: str = "allow"
     tls_verify: bool = True
+    concurrency_lease_seconds: float = 30.0  # a killed process's slots lapse after this
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ def parse_config(
     if on_error not in ("allow", "deny"):
         raise ConfigError('ratelimit.on_storage_error: must be "allow" or "deny"')
     tls_verify = rl.take("tls_verify", bool, True)
+    lease = rl.number("concurrency_lease_seconds", 30.0)
     rl.done()
     if urlsplit(storage_uri).scheme not in ("memory", "redis", "rediss", "redis+sentinel"):
         raise ConfigError(
@@ -265,7 +267,7 @@ def parse_config(
     return Config(
         database_url=database_url,
         gateway=gateway,
-        ratelimit=RateLimitSettings(storage_uri, on_error, tls_verify),
+        ratelimit=RateLimitSettings(storage_uri, on_error, tls_verify, lease),
         quota=quota,
         routing=routing,
         tiers=tiers,

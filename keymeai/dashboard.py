@@ -283,6 +283,14 @@ def _standing(row: ApiKey) -> dict[str, Any] | None:
     return standing.standing()
 
 
+def _tier_concurrency(row: ApiKey) -> str:
+    """What the key's tier allows in flight, in words."""
+    tier = gateway.current().config.tiers.get(row.tier)
+    if tier is None:
+        return "no tier"
+    return f"{tier.max_concurrent} at once" if tier.max_concurrent else "unbounded"
+
+
 @bp.get("/keys/<int:key_id>")
 def key_page(key_id: int) -> str:
     row = _key(key_id)
@@ -297,6 +305,7 @@ def key_page(key_id: int) -> str:
         allowed_models=keys.split_models(row.allowed_models),
         standing=_standing(row),
         tiers=list(gateway.current().config.tiers),
+        tier_concurrency=_tier_concurrency(row),
         months=_months(month),
         totals=Totals.of(rows),
         charts=pages.daily_charts(month, reports.daily_totals(month, row.id)),
@@ -320,6 +329,20 @@ def change_tier(key_id: int) -> BaseResponse:
     row = keys.update_key(row, **changes)
     admin.note_change(row, "updated", sorted(changes))
     flash(f"Key {row.prefix}… is now on the {row.tier} tier.")
+    return redirect(url_for(".key_page", key_id=row.id), 303)
+
+
+@bp.post("/keys/<int:key_id>/concurrency")
+def change_concurrency(key_id: int) -> BaseResponse:
+    """The key's own bound on requests in flight; empty: back to the tier's."""
+    row = _key(key_id)
+    text = request.form.get("max_concurrent", "").strip()
+    value: object = int(text) if text.isascii() and text.isdigit() and len(text) < 12 else text
+    changes = admin.parse_settings({"max_concurrent": value if text else None})
+    row = keys.update_key(row, **changes)
+    admin.note_change(row, "updated", sorted(changes))
+    bound = f"at most {row.max_concurrent} at once" if row.max_concurrent else "the tier's bound"
+    flash(f"Requests in flight for key {row.prefix}…: {bound}.")
     return redirect(url_for(".key_page", key_id=row.id), 303)
 
 

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from peewee import InterfaceError, OperationalError
@@ -73,6 +74,7 @@ class Meter:
         self.usage: Usage | None = None
         self.output_tenths = 0  # estimated tokens relayed so far, in tenths
         self.reservation_id: int | None = None
+        self.on_finish: Callable[[], None] | None = None  # e.g. the concurrency slot's release
         self._finished = False
         self._lock = threading.Lock()
 
@@ -154,6 +156,8 @@ class Meter:
                 "stream": self.chat.stream,
             },
         )
+        if self.on_finish is not None:
+            self.on_finish()
 
 
 RECORD_COLUMNS = tuple(name for name in UsageRecord._meta.sorted_field_names if name != "id")

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Blueprint, Response, g, jsonify
 from limits.errors import StorageError
 
-from . import gateway
+from . import concurrency, gateway
 from .api import require_key
 from .billing import format_usd, month_bounds
 from .db import connection
@@ -107,6 +107,7 @@ def standing() -> dict[str, Any]:
                 "remaining": max(0, tokens - month.total_tokens - month.reserved_tokens),
                 **_reset(end, now),
             },
+            "concurrency": concurrency.standing(key, tier),
             "spend": None
             if cap is None
             else {

@@ -87,6 +87,7 @@ def test_create_show_list_change_and_revoke_a_key(admin: tuple[Gateway, Admin]) 
             "requests": ["5 per minute", "100 per day"],
             "tokens_per_month": 1_000_000,
             "spend_cap": "25.5",
+            "max_concurrent": 4,
         },
     )
     assert response.status_code == 201, response.text
@@ -109,6 +110,7 @@ def test_create_show_list_change_and_revoke_a_key(admin: tuple[Gateway, Admin]) 
         "requests": ["5 per minute", "100 per day"],
         "tokens_per_month": 1_000_000,
         "spend_cap": "25.50",
+        "max_concurrent": 4,
     }
     assert abs(dt.datetime.fromisoformat(created["created_at"][:-1]) - utcnow()).seconds < 60
 
@@ -123,11 +125,18 @@ def test_create_show_list_change_and_revoke_a_key(admin: tuple[Gateway, Admin]) 
 
     changed = api.patch(
         f"/keys/{key_id}",
-        json={"tier": "standard", "requests": None, "name": "Acme", "allowed_models": None},
+        json={
+            "tier": "standard",
+            "requests": None,
+            "name": "Acme",
+            "allowed_models": None,
+            "max_concurrent": None,
+        },
     )
     assert changed.status_code == 200, changed.text
     body = changed.json()
     assert (body["tier"], body["requests"], body["name"]) == ("standard", None, "Acme")
+    assert body["max_concurrent"] is None
     assert (body["allowed_models"], body["spend_cap"]) == (None, "25.50")  # untouched
     raw = client.chat.completions.with_raw_response.create(model="qwen-max", messages=HI)
     assert raw.headers["x-ratelimit-limit-requests"] == "3000"  # at once on this instance
@@ -205,6 +214,11 @@ CREATE_MISTAKES: list[tuple[Any, str | None, tuple[str, ...]]] = [
     (valid(spend_cap="0.00000000001"), "spend_cap", ("10 decimal places",)),
     (valid(spend_cap=True), "spend_cap", ()),
     (valid(spend_cap=[25]), "spend_cap", ()),
+    (valid(max_concurrent=0), "max_concurrent", ("from 1 to",)),
+    (valid(max_concurrent=1.5), "max_concurrent", ()),
+    (valid(max_concurrent="4"), "max_concurrent", ()),
+    (valid(max_concurrent=True), "max_concurrent", ()),
+    (valid(max_concurrent=2**31), "max_concurrent", ()),
 ]
 
 

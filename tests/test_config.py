@@ -125,6 +125,10 @@ def broken(edit: Any) -> str:
             "ratelimit.storage_uri: unsupported scheme",
         ),
         (
+            lambda d: d["ratelimit"].update(concurrency_lease_seconds=0),
+            "ratelimit.concurrency_lease_seconds: must be greater than 0",
+        ),
+        (
             lambda d: d["gateway"].update(key_cache_seconds=30),
             "gateway.key_cache_seconds: at most 5",
         ),

@@ -157,7 +157,7 @@ def test_scale_key_gets_its_own_limits_from_set_limits(
         (["--spend-cap", "NaN"], "must be a positive amount"),
         (["--spend-cap", "1e30"], "must be a positive amount"),
         (["--spend-cap", "0.00000000001"], "at most 10 decimal places"),
-        ([], "give --requests, --tokens-per-month, --spend-cap or --clear"),
+        ([], "give --requests, --tokens-per-month, --spend-cap, --max-concurrent or --clear"),
     ],
 )
 def test_set_limits_rejects_bad_values(gateway: Gateway, args: list[str], message: str) -> None:
