@@ -55,7 +55,7 @@ def metered(config_data: dict[str, Any], ledger: None) -> Callable[[], Meter]:
 
     def meter() -> Meter:
         chat = parse_chat_request(body, config.models)
-        reservation, _ = quota.reserve(key, config.tiers["standard"], 100, config.quota)
+        reservation, _ = quota.reserve(key, config.tiers["standard"], chat, config.quota)
         assert reservation is not None
         meter = Meter(key, chat, "client-chosen-id")
         meter.reservation_id = reservation
