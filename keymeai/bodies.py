@@ -139,7 +139,7 @@ class BodyDeadline:
             headers={"Connection": "close"},
         )
         _close_after(start_response)
-        return error.response()(environ, start_response)  # type: ignore[no-any-return]
+        return error.response()(environ, start_response)
 
 
 def _length(declared: str) -> int | None:
