@@ -206,4 +206,4 @@ def write_usage(fields: dict[str, Any] | None, reservation_id: int | None) -> No
 def _record_values(fields: dict[str, Any]) -> list[Any]:
     """The record's values in column order, converted as peewee's fields would."""
     model_fields = UsageRecord._meta.fields
-    return [model_fields[c].db_value(fields[c]) for c in RECORD_COLUMNS]
+    return [model_fields[c].db_value(fields.get(c)) for c in RECORD_COLUMNS]
