@@ -66,7 +66,7 @@ def chat_completions() -> Response:
     meter.reservation_id = reservation
     try:
         opened = gw.router.open(chat, meter)
-        return relay(opened, chat, meter, gw.config.gateway.stream_keepalive_seconds)
+        return relay(opened, chat, meter, gw.config.gateway)
     except UpstreamModelError:
         meter.finish(500, "upstream_error")
         raise

@@ -98,7 +98,9 @@ def closed_by_server(sock: socket.socket, timeout: float = 5.0) -> bool:
     return False
 
 
-def open_stream(url: str, key: str, body: dict[str, Any], rcvbuf: int = 4096) -> socket.socket:
+def open_stream(
+    url: str, key: str, body: dict[str, Any], rcvbuf: int = 4096, request_id: str = ""
+) -> socket.socket:
     """A streamed chat request from a client that then reads nothing at all."""
     data = json.dumps(body).encode()
     sock = connect(url, rcvbuf=rcvbuf)
@@ -106,6 +108,7 @@ def open_stream(url: str, key: str, body: dict[str, Any], rcvbuf: int = 4096) ->
         "Authorization": f"Bearer {key}",
         "Content-Type": "application/json",
         "Content-Length": str(len(data)),
+        **({"X-Request-Id": request_id} if request_id else {}),
     }
     sock.sendall(request_head("POST", "/v1/chat/completions", head) + data)
     return sock
