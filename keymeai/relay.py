@@ -40,6 +40,11 @@ DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
 SETTLE_SECONDS = 1.0
 SETTLE_GAP = 0.1
 CUT_WRITE_GRACE = 1.0  # once streams are cut, a write stalled this long is dropped
+# The kernel's send buffer for a stream's client (Linux doubles it): autotuned, it grows
+# to 4 MiB (tcp_wmem), which a client that stops reading keeps full, and which would
+# hide it from the write timeout for the whole of most answers. A quarter of a MiB is
+# still far beyond what a token stream needs in flight.
+STREAM_SEND_BUFFER = 128 * 1024
 
 
 def _error_event(message: str, code: str) -> bytes:
@@ -116,7 +121,11 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySett
         meter.observe(opened.completion)
         meter.finish(200, "ok")
         return Response(opened.raw_body, mimetype="application/json")
-    stream = ChunkRelay(opened, chat, meter, settings, client_socket())
+    client = client_socket()
+    if client is not None:
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+    stream = ChunkRelay(opened, chat, meter, settings, client)
     try:
         first = stream.frame(opened.first_event)
     except _BrokenChunk as exc:
