@@ -64,6 +64,7 @@ class Probes(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.key, self.every = port, key, every
         self.latencies: dict[str, list[float]] = {"healthz": [], "chat": []}
+        self.slowest: dict[str, tuple[float, float]] = {"healthz": (0, 0), "chat": (0, 0)}
         self.failures: dict[str, int] = {"healthz": 0, "chat": 0}
         self.stopping = threading.Event()
 
@@ -77,7 +78,9 @@ class Probes(threading.Thread):
             response.read()
             if response.status != 200:
                 raise RuntimeError(response.status)
-            self.latencies[name].append(time.monotonic() - started)
+            took = time.monotonic() - started
+            self.latencies[name].append(took)
+            self.slowest[name] = max(self.slowest[name], (took, started))
         except (OSError, RuntimeError, http.client.HTTPException):
             self.failures[name] += 1
         finally:
@@ -238,6 +241,10 @@ def soak(args: argparse.Namespace, port: int, key: str, worker: int, ledger: Pat
         "healthz failures": probes.failures["healthz"],
         "chat latency": summary(probes.latencies["chat"]),
         "chat failures": probes.failures["chat"],
+        "slowest probes (s, at s)": {
+            name: (round(took, 2), round(at - started, 1))
+            for name, (took, at) in probes.slowest.items()
+        },
         "worker RSS before/peak/after (MB)": f"{before / 1024:.0f} / {peak / 1024:.0f} / "
         f"{after / 1024:.0f}",
     }

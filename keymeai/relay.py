@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import queue
+import re
 import select
 import socket
 import time
@@ -75,6 +76,15 @@ def cut_streams_after(seconds: float) -> None:
     error event: the worker is stopping, ahead of its hard deadline."""
     global _cut_at
     _cut_at = time.monotonic() + seconds
+
+
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
+def carries_usage(event: bytes) -> bool:
+    """Whether a chunk may report usage: a `"usage"` that is not `"usage": null`."""
+    at = event.find(b'"usage"')
+    return at >= 0 and not _NULL_USAGE.match(event, at)
 
 
 class _BrokenChunk(Exception):
@@ -218,8 +228,12 @@ class ChunkRelay:
         return choices
 
     def settle(self, wait: float) -> None:
-        """Meter the events the client never got; then, until the usage comes, read on
-        for up to `wait` seconds while the upstream keeps sending."""
+        """Take the usage from the events the client never got; until it comes, read on
+        for up to `wait` seconds while the upstream keeps sending.
+
+        Only events that may carry usage are parsed (a byte search), so that hundreds of
+        streams dropped at once do not cost the worker a parse of every event each; an
+        estimate, if it comes to that, counts what the client was sent."""
         deadline = time.monotonic() + wait
         while self.meter.usage is None:
             left = max(0.0, deadline - time.monotonic())
@@ -229,7 +243,7 @@ class ChunkRelay:
                 return
             if isinstance(event, UpstreamEnded | UpstreamFailed):
                 return
-            if event is not None and event.strip() != b"[DONE]":
+            if event is not None and carries_usage(event):
                 with contextlib.suppress(ValueError, _BrokenChunk):
                     self.observe(json.loads(event))
 
