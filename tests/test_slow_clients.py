@@ -229,3 +229,19 @@ def test_sigterm_ends_streams_stuck_in_a_write_each_with_its_record(
     for record, request in zip(records, sent, strict=True):
         assert_exact(record, request, {"client_closed", "interrupted"})
         assert not request.completed
+
+
+def test_oversized_content_length_is_a_quick_413_and_the_body_is_never_read(
+    serve: Callable[..., Served],
+) -> None:
+    """A declared length over max_request_bytes: 413 at once, without waiting for the
+    body, and the connection closes instead of reading 100 MB that may never come."""
+    served = serve()
+    headers = {"Authorization": f"Bearer {served.key}", "Content-Type": "application/json"}
+    with start_slow_body(
+        served.server.url, "POST", "/v1/chat/completions", 100_000_000, headers
+    ) as sock:
+        response = read_response(sock, timeout=BODY_TIMEOUT / 2)
+        assert response.status == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert closed_by_server(sock, timeout=BODY_TIMEOUT / 2)
