@@ -49,7 +49,8 @@ class Watchdog:
     """Shuts the read side of sockets whose body read outlived its deadline.
 
     All deadlines are `timeout` after their start, so they come in order: a deque, not a
-    heap, and the thread never needs waking for a new one (it sleeps at most `timeout`).
+    heap, and the thread never needs waking for a new one (it sleeps until the oldest).
+    It ends when no read is left to watch.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -88,7 +89,10 @@ class Watchdog:
                         entry.fired = True
                         with contextlib.suppress(OSError):
                             entry.sock.shutdown(socket.SHUT_RD)
-                wait = watches[0].deadline - now if watches else self.timeout
+                if not watches:
+                    self._thread = None  # idle: the next body starts another
+                    return
+                wait = watches[0].deadline - now
             time.sleep(wait)
 
 

@@ -59,6 +59,9 @@ class Stalls:
             time.sleep(TICK)
             now = time.monotonic()
             with self._lock:
+                if not self._live:
+                    self._thread = None  # idle: the next stream starts another
+                    return
                 streams = list(self._live)
             for stream in streams:
                 left = stream.write_time_left(now)
