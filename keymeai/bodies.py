@@ -140,7 +140,6 @@ class BodyDeadline:
             408,
             f"The request body did not arrive within {self.watchdog.timeout:g} seconds.",
             code="request_timeout",
-            headers={"Connection": "close"},
         )
         _close_after(start_response)
         return error.response()(environ, start_response)
@@ -168,9 +167,9 @@ def _read(stream: Any, wanted: int) -> bytes:
 
 
 def _close_after(start_response: Any) -> None:
-    """Have gunicorn close the connection after this response instead of reading the
-    rest of the body (it ignores an app's `Connection` header). Werkzeug's development
-    server closes every connection anyway."""
+    """Have gunicorn close the connection after this response (and say so in its
+    `Connection` header) instead of reading the rest of the body: it drops an app's own
+    `Connection` header. Werkzeug's development server closes every connection anyway."""
     force_close = getattr(getattr(start_response, "__self__", None), "force_close", None)
     if callable(force_close):
         force_close()
