@@ -64,7 +64,7 @@ class Probes(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.key, self.every = port, key, every
         self.latencies: dict[str, list[float]] = {"healthz": [], "chat": []}
-        self.slowest: dict[str, tuple[float, float]] = {"healthz": (0, 0), "chat": (0, 0)}
+        self.timeline: dict[str, list[tuple[float, float]]] = {"healthz": [], "chat": []}
         self.failures: dict[str, int] = {"healthz": 0, "chat": 0}
         self.stopping = threading.Event()
 
@@ -80,7 +80,7 @@ class Probes(threading.Thread):
                 raise RuntimeError(response.status)
             took = time.monotonic() - started
             self.latencies[name].append(took)
-            self.slowest[name] = max(self.slowest[name], (took, started))
+            self.timeline[name].append((took, started))
         except (OSError, RuntimeError, http.client.HTTPException):
             self.failures[name] += 1
         finally:
@@ -241,9 +241,9 @@ def soak(args: argparse.Namespace, port: int, key: str, worker: int, ledger: Pat
         "healthz failures": probes.failures["healthz"],
         "chat latency": summary(probes.latencies["chat"]),
         "chat failures": probes.failures["chat"],
-        "slowest probes (s, at s)": {
-            name: (round(took, 2), round(at - started, 1))
-            for name, (took, at) in probes.slowest.items()
+        "slowest probes (took s, at s)": {
+            name: [(round(took, 2), round(at - started, 1)) for took, at in sorted(times)[-3:]]
+            for name, times in probes.timeline.items()
         },
         "worker RSS before/peak/after (MB)": f"{before / 1024:.0f} / {peak / 1024:.0f} / "
         f"{after / 1024:.0f}",

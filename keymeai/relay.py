@@ -15,6 +15,7 @@ import queue
 import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -35,11 +36,15 @@ IDLE_TICK = 0.5  # how often an idle stream looks for a client that hung up
 DONE = b"data: [DONE]\n\n"
 DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
 # After a client left, the upstream is read on while it keeps sending (no gap over
-# SETTLE_GAP) for at most SETTLE_SECONDS, for the usage it bills: a client that stops at
-# the finish chunk leaves DashScope's and Ark's usage chunk milliseconds behind. An
-# upstream that is thinking, or far from its end, is estimated rather than waited for.
+# SETTLE_GAP) for at most SETTLE_SECONDS, for the usage it bills: the rest of a 2,000-word
+# answer comes in ~20 ms, and a client that stops at the finish chunk leaves DashScope's
+# and Ark's usage chunk milliseconds behind. An upstream that is thinking, or far from
+# its end, is estimated rather than waited for. At most SETTLING streams of a worker read
+# on at once: hundreds of clients dropped together (an outage, the write timeout of a
+# burst) would otherwise have the worker decode hundreds of answers' tails at once.
 SETTLE_SECONDS = 1.0
 SETTLE_GAP = 0.1
+SETTLING = threading.BoundedSemaphore(8)
 CUT_WRITE_GRACE = 1.0  # once streams are cut, a write stalled this long is dropped
 # The kernel's send buffer for a stream's client (Linux doubles it): autotuned, it grows
 # to 4 MiB (tcp_wmem), which a client that stops reading keeps full, and which would
@@ -330,7 +335,13 @@ class ChunkRelay:
         self.closed = True
         STALLS.discard(self)
         if not self.metered:
-            self.settle(0 if _cut_at is not None else SETTLE_SECONDS)
+            if _cut_at is None and SETTLING.acquire(blocking=False):
+                try:
+                    self.settle(SETTLE_SECONDS)
+                finally:
+                    SETTLING.release()
+            else:
+                self.settle(0)  # what came already, its usage if it is there
         self.events.close()
         self.meter.finish(200, "client_closed")  # a no-op unless the client left
         self.attempt.succeeded()  # likewise
