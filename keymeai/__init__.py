@@ -38,6 +38,7 @@ def create_app(config: Config | None = None) -> Flask:
         standing,
     )
     from .auth import KeyCache
+    from .bodies import BodyDeadline
     from .config import load_config
     from .errors import register_error_handlers
     from .gateway import Gateway
@@ -53,6 +54,8 @@ def create_app(config: Config | None = None) -> Flask:
         # and scheme come from the X-Forwarded-* headers the trusted hops add.
         hops = config.gateway.trusted_proxies
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
+    gw = config.gateway
+    app.wsgi_app = BodyDeadline(app.wsgi_app, gw.body_timeout_seconds, gw.max_request_bytes)  # type: ignore[method-assign]
 
     db.open_database(config.database_url)
     db.upgrade()  # creates the tables on first start; a no-op once up to date

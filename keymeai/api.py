@@ -72,7 +72,7 @@ def chat_completions() -> Response:
     meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)
-        return relay(opened, chat, meter, gw.config.gateway.stream_keepalive_seconds)
+        return relay(opened, chat, meter, gw.config.gateway)
     except UpstreamModelError:
         meter.finish(500, "upstream_error")
         raise

@@ -8,11 +8,14 @@ re-serialised only when the usage the client did not ask for must be taken out.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import re
 import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -20,9 +23,11 @@ from typing import Any
 from flask import Response, request
 
 from . import metrics
+from .config import GatewaySettings
 from .errors import ApiError
 from .metering import Meter
 from .sse import EventReader, UpstreamEnded, UpstreamFailed
+from .stalls import STALLS
 from .upstream import Opened, UpstreamModelError
 from .validation import ChatRequest
 
@@ -30,6 +35,22 @@ PING = b": ping\n\n"
 IDLE_TICK = 0.5  # how often an idle stream looks for a client that hung up
 DONE = b"data: [DONE]\n\n"
 DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
+# After a client left, the upstream is read on while it keeps sending (no gap over
+# SETTLE_GAP) for at most SETTLE_SECONDS, for the usage it bills: the rest of a 2,000-word
+# answer comes in ~20 ms, and a client that stops at the finish chunk leaves DashScope's
+# and Ark's usage chunk milliseconds behind. An upstream that is thinking, or far from
+# its end, is estimated rather than waited for. At most SETTLING streams of a worker read
+# on at once: hundreds of clients dropped together (an outage, the write timeout of a
+# burst) would otherwise have the worker decode hundreds of answers' tails at once.
+SETTLE_SECONDS = 1.0
+SETTLE_GAP = 0.1
+SETTLING = threading.BoundedSemaphore(8)
+CUT_WRITE_GRACE = 1.0  # once streams are cut, a write stalled this long is dropped
+# The kernel's send buffer for a stream's client (Linux doubles it): autotuned, it grows
+# to 4 MiB (tcp_wmem), which a client that stops reading keeps full, and which would
+# hide it from the write timeout for the whole of most answers. A quarter of a MiB is
+# still far beyond what a token stream needs in flight.
+STREAM_SEND_BUFFER = 128 * 1024
 
 
 def _error_event(message: str, code: str) -> bytes:
@@ -50,7 +71,8 @@ STREAM_INTERRUPTED = _error_event(
 
 # When the worker was asked to stop: the monotonic time from which running streams are
 # cut short. Set from a signal handler, so it is a plain assignment; each stream looks at
-# it between events and on every idle tick.
+# it between events and on every idle tick, and keymeai.stalls drops those stuck in a
+# write to a client that does not read.
 _cut_at: float | None = None
 
 
@@ -59,6 +81,15 @@ def cut_streams_after(seconds: float) -> None:
     error event: the worker is stopping, ahead of its hard deadline."""
     global _cut_at
     _cut_at = time.monotonic() + seconds
+
+
+_NULL_USAGE = re.compile(rb'"usage"\s*:\s*null')
+
+
+def carries_usage(event: bytes) -> bool:
+    """Whether a chunk may report usage: a `"usage"` that is not `"usage": null`."""
+    at = event.find(b'"usage"')
+    return at >= 0 and not _NULL_USAGE.match(event, at)
 
 
 class _BrokenChunk(Exception):
@@ -98,14 +129,18 @@ def client_hung_up(sock: Any) -> bool:
         return True
 
 
-def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> Response:
+def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySettings) -> Response:
     """The client's response: the checked completion, or the stream of chunks."""
     if opened.events is None:
         assert opened.completion is not None
         meter.observe(opened.completion)
         meter.finish(200, "ok")
         return Response(opened.raw_body, mimetype="application/json")
-    stream = ChunkRelay(opened, chat, meter, keepalive, client_socket())
+    client = client_socket()
+    if client is not None:
+        with contextlib.suppress(OSError):
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+    stream = ChunkRelay(opened, chat, meter, settings, client)
     try:
         first = stream.frame(opened.first_event)
     except _BrokenChunk as exc:
@@ -122,21 +157,47 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float) -> 
 
 class ChunkRelay:
     """Frames upstream events for the client, meters them, and reports how the stream
-    ended to the upstream's breaker."""
+    ended to the upstream's breaker.
+
+    Every event the upstream sent goes through the meter, the ones the client never got
+    included: the usage the provider reports is what the record carries, however the
+    stream ended.
+    """
 
     def __init__(
-        self, opened: Opened, chat: ChatRequest, meter: Meter, keepalive: float, client: Any
+        self,
+        opened: Opened,
+        chat: ChatRequest,
+        meter: Meter,
+        settings: GatewaySettings,
+        client: Any,
     ) -> None:
         assert opened.events is not None
         self.events: EventReader = opened.events
         self.attempt = opened.attempt
         self.chat = chat
         self.meter = meter
-        self.keepalive = keepalive
+        self.keepalive = settings.stream_keepalive_seconds
+        # A chunk the client does not accept within this ends the stream (keymeai.stalls).
+        self.write_timeout = settings.stream_write_timeout_seconds
         self.client = client
+        self.request_id = meter.request_id
         self.idle = 0.0
         self.saw_done = False
         self.saw_finish = False
+        self.writing_since: float | None = None  # while the server writes a chunk
+        self.metered = False  # the stream's end was metered by run()
+        self.closed = False
+
+    def write_time_left(self, now: float) -> float | None:
+        """How much longer the chunk being written may take (keymeai.stalls asks)."""
+        since = self.writing_since
+        if since is None:
+            return None
+        limit = self.write_timeout
+        if _cut_at is not None and now >= _cut_at:
+            limit = min(limit, CUT_WRITE_GRACE)
+        return since + limit - now
 
     def frame(self, event: bytes | None) -> bytes | None:
         """The bytes to send for one upstream event (None: nothing to send)."""
@@ -149,14 +210,7 @@ class ChunkRelay:
             chunk: Any = json.loads(event)
         except ValueError:
             raise _BrokenChunk("stream event is not JSON") from None
-        if not isinstance(chunk, dict):
-            raise _BrokenChunk("stream event is not a JSON object")
-        if "error" in chunk and "choices" not in chunk:
-            raise _BrokenChunk(f"upstream error mid-stream: {chunk['error']}")  # Attempt cuts it
-        choices = chunk.get("choices")
-        if not isinstance(choices, list):
-            raise _BrokenChunk("stream chunk without choices")
-        self.meter.observe(chunk)
+        choices = self.observe(chunk)
         if any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
             self.saw_finish = True
         if chunk.get("usage") is not None and not self.chat.include_usage:
@@ -166,6 +220,42 @@ class ChunkRelay:
             event = json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
         return b"data: " + event + b"\n\n"
 
+    def observe(self, chunk: Any) -> list[Any]:
+        """Meter one parsed chunk; its choices."""
+        if not isinstance(chunk, dict):
+            raise _BrokenChunk("stream event is not a JSON object")
+        if "error" in chunk and "choices" not in chunk:
+            raise _BrokenChunk(f"upstream error mid-stream: {chunk['error']}")  # Attempt cuts it
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            raise _BrokenChunk("stream chunk without choices")
+        self.meter.observe(chunk)
+        return choices
+
+    def settle(self, wait: float) -> None:
+        """Take the usage from the events the client never got; until it comes, read on
+        for up to `wait` seconds while the upstream keeps sending.
+
+        Only events that may carry usage are parsed (a byte search), so that hundreds of
+        streams dropped at once do not cost the worker a parse of every event each; an
+        estimate, if it comes to that, counts what the client was sent."""
+        deadline = time.monotonic() + wait
+        while self.meter.usage is None:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                event = self.events.get(timeout=min(left, SETTLE_GAP))
+            except queue.Empty:
+                return
+            if isinstance(event, UpstreamEnded | UpstreamFailed):
+                return
+            if event is not None and carries_usage(event):
+                with contextlib.suppress(ValueError, _BrokenChunk):
+                    self.observe(json.loads(event))
+
+    def finish(self, outcome: str) -> None:
+        self.metered = True
+        self.meter.finish(200, outcome)
+
     def run(self, first: bytes | None) -> Iterator[bytes]:
         """Relay events until the upstream ends; meter once, however it ends.
 
@@ -173,34 +263,44 @@ class ChunkRelay:
         that reads its usage right after `[DONE]` finds it in the ledger.
         """
         metrics.STREAMS.inc()
+        STALLS.add(self)
         try:
             data, end = first, None
             while not self.saw_done:
                 if data is not None:
+                    self.writing_since = time.monotonic()  # as _write, inlined: per chunk
                     yield data
+                    self.writing_since = None
                 data, end = self._next()
                 if end is not None:
                     break
             if isinstance(end, _ClientGone):
                 return  # metered as client_closed on the way out
             if isinstance(end, _Cut):
-                self.meter.finish(200, "interrupted")
-                yield STREAM_INTERRUPTED
+                self.settle(0)
+                self.finish("interrupted")
+                yield from self._write(STREAM_INTERRUPTED)
                 return
             if self.saw_done:
                 self.events.wait_end(DONE_GRACE)  # so its connection goes back to the pool
             if self.saw_done or (self.saw_finish and isinstance(end, UpstreamEnded)):
-                self.meter.finish(200, "ok")  # [DONE] is added if the upstream left it out
+                self.finish("ok")  # [DONE] is added if the upstream left it out
                 self.attempt.succeeded()
-                yield DONE
+                yield from self._write(DONE)
             else:
                 reason = end.reason if isinstance(end, UpstreamFailed) else "ended unfinished"
-                self.meter.finish(200, "upstream_failed")
+                self.finish("upstream_failed")
                 self.attempt.failed("failed mid-stream", reason)
-                yield STREAM_FAILED
+                yield from self._write(STREAM_FAILED)
         finally:
             metrics.STREAMS.dec()
             self.close()
+
+    def _write(self, data: bytes) -> Iterator[bytes]:
+        """Hand `data` to the server, noting how long its write takes (keymeai.stalls)."""
+        self.writing_since = time.monotonic()
+        yield data
+        self.writing_since = None
 
     def _next(
         self,
@@ -228,7 +328,20 @@ class ChunkRelay:
 
     def close(self) -> None:
         """Stop reading and meter once: the end of every stream, and the backstop for a
-        body that was never iterated or a client that left (the upstream was serving)."""
+        body that was never iterated or a client that left or was dropped (the upstream
+        was serving): what it sent meanwhile is metered first, its usage above all."""
+        if self.closed:
+            return
+        self.closed = True
+        STALLS.discard(self)
+        if not self.metered:
+            if _cut_at is None and SETTLING.acquire(blocking=False):
+                try:
+                    self.settle(SETTLE_SECONDS)
+                finally:
+                    SETTLING.release()
+            else:
+                self.settle(0)  # what came already, its usage if it is there
         self.events.close()
         self.meter.finish(200, "client_closed")  # a no-op unless the client left
         self.attempt.succeeded()  # likewise

@@ -9,15 +9,18 @@ blocking read cannot be interrupted without losing the connection's state.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import requests
 
-READ_SIZE = 65536
+READ_SIZE = 16384
+QUEUE_READS = 4  # reads queued per stream: at most 64 KiB of events waiting for the client
 
 
 @dataclass(frozen=True)
@@ -76,33 +79,46 @@ class SSEDecoder:
 
 
 class EventReader:
-    """Reads one upstream SSE response on a helper thread into a queue."""
+    """Reads one upstream SSE response on a helper thread into a bounded queue.
+
+    The queue holds at most QUEUE_READS reads' worth of events (a read is at most
+    READ_SIZE bytes): when the client does not keep up, the reader stops reading and TCP
+    slows the upstream down, instead of the worker buffering the whole answer. Events go
+    through the queue as one list per read, so a fast stream costs one queue operation
+    per read, not per event.
+    """
 
     def __init__(self, response: requests.Response) -> None:
         self._response = response
-        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self._queue: queue.Queue[Sequence[Event]] = queue.Queue(QUEUE_READS)
+        self._pending: collections.deque[Event] = collections.deque()
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="upstream-reader", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         decoder = SSEDecoder()
         raw = self._response.raw
-        put = self._queue.put
         try:
-            while chunk := raw.read1(READ_SIZE, decode_content=True):
-                for event in decoder.feed(chunk):
-                    put(event)
-            for event in decoder.finish():
-                put(event)
-            put(UpstreamEnded())
+            while not self._closed and (chunk := raw.read1(READ_SIZE, decode_content=True)):
+                if events := decoder.feed(chunk):
+                    self._put(events)
+            self._put([*decoder.finish(), UpstreamEnded()])
         except Exception as exc:  # noqa: BLE001 - any failure ends the stream the same way
-            put(UpstreamFailed(describe_error(exc)))
+            self._put([UpstreamFailed(describe_error(exc))])
         finally:
             self._response.close()
 
+    def _put(self, events: Sequence[Event]) -> None:
+        """Queue a read's events, waiting while the queue is full (nothing once closed)."""
+        if not self._closed:
+            self._queue.put(events)
+
     def get(self, timeout: float | None) -> Event:
         """The next event; raises queue.Empty if none came within `timeout` seconds."""
-        return self._queue.get(timeout=timeout)
+        if not self._pending:
+            self._pending.extend(self._queue.get(timeout=timeout))
+        return self._pending.popleft()
 
     def wait_end(self, timeout: float) -> None:
         """Let the upstream finish its response after `[DONE]`, within `timeout` seconds.
@@ -113,13 +129,20 @@ class EventReader:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             try:
-                if isinstance(self._queue.get(timeout=left), UpstreamEnded | UpstreamFailed):
+                if isinstance(self.get(timeout=left), UpstreamEnded | UpstreamFailed):
                     return
             except queue.Empty:
                 return
 
     def close(self) -> None:
-        """Stop reading: wakes the reader thread if it is blocked on the socket."""
+        """Stop reading: wakes the reader thread if it is blocked on the socket or on a
+        full queue (whose events are dropped: read what you need before closing)."""
+        self._closed = True
+        while True:
+            try:
+                self._queue.get_nowait()  # room for the one put a blocked reader makes
+            except queue.Empty:
+                break
         if self._thread.is_alive():
             # Errors mean the reader closed the response itself meanwhile.
             with contextlib.suppress(OSError, ValueError, RuntimeError):

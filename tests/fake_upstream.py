@@ -8,7 +8,8 @@ URLs: ``/{shape}/{mode}/<anything>/chat/completions`` (POST) and ``.../models`` 
 ``mode`` is ``ok``, an HTTP error status such as ``503``, a fault from ``FAULTS`` or
 ``sw-<name>``, which behaves as ``fake.switches.get(name, "ok")`` at request time.
 Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
-``interval``, ``cached``, ``reasoning_words``, ``first_delay``.
+``interval``, ``cached``, ``reasoning_words``, ``first_delay``, ``usage_early`` (a stream
+also reports its usage right after its first chunk, as for an answer billed up front).
 
 Standalone: ``python tests/fake_upstream.py --port 8900``.
 """
@@ -262,7 +263,9 @@ def _spaced(words: list[str]) -> list[str]:
 _Event = tuple[bytes, dict | None]  # SSE event wire bytes, usage it carries
 
 
-def _stream_events(shape: str, model: str, reply: _Reply, include_usage: bool) -> list[_Event]:
+def _stream_events(
+    shape: str, model: str, reply: _Reply, include_usage: bool, usage_early: bool = False
+) -> list[_Event]:
     """SSE events (wire bytes, usage carried) for a streamed completion."""
     cid, created = _new_id(shape), int(time.time())
     prefix = b"data:" if shape == "dashscope" else b"data: "
@@ -282,6 +285,8 @@ def _stream_events(shape: str, model: str, reply: _Reply, include_usage: bool) -
 
     usage = reply.usage(shape) if include_usage else None
     events = [event({"role": "assistant", "content": ""})]
+    if usage and usage_early:
+        events.append(event(None, usage=usage))
     events += [event({"reasoning_content": w, "content": None}) for w in _spaced(reply.reasoning)]
     events += [event({"content": w}) for w in _spaced(reply.words)]
     # DeepSeek puts usage on the finish chunk; the others send a choices=[] chunk.
@@ -483,7 +488,8 @@ class _Handler(BaseHTTPRequestHandler):
             opts = body.get("stream_options")
             asked = isinstance(opts, dict) and bool(opts.get("include_usage"))
             usage = asked and mode != "nousage"
-            events = _stream_events(shape, body["model"], reply, usage)
+            early = bool(knobs.get("usage_early"))
+            events = _stream_events(shape, body["model"], reply, usage, early)
             return self._stream(events, delay, interval)
         payload = _completion(shape, body["model"], reply, mode != "nousage")
         prefix = b"\n\n" if shape == "deepseek" else b""  # DeepSeek's queue keep-alives
