@@ -15,7 +15,9 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai.ledger import utcnow
+from keymeai.db import connection
+from keymeai.keys import hash_key
+from keymeai.ledger import ApiKey, utcnow
 from tests.billing_support import Admin, admin_gateway, expected_cost, run_cli
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
@@ -47,10 +49,17 @@ def test_expiry_set_and_cleared_over_the_api(admin: tuple[Gateway, Admin]) -> No
     client.chat.completions.create(model="deepseek-chat", messages=HI)
 
 
-def test_a_key_created_expired_on_the_cli_is_refused(gateway: Gateway) -> None:
+def test_a_key_past_its_expiry_is_refused(gateway: Gateway) -> None:
+    """The CLI refuses an expiry in the past, so the key is made to expire by moving its
+    expiry back in the ledger, as time passing would."""
+    tomorrow = (utcnow() + dt.timedelta(days=1)).date().isoformat()
     result = cli(gateway.app, "keys", "create", "--name", "old", "--tier", "free", "--expires",
-                 "2001-01-01")  # fmt: skip
+                 tomorrow)  # fmt: skip
     plain = result.output.splitlines()[-1]
+    with connection():
+        ApiKey.update(expires_at=dt.datetime(2001, 1, 1)).where(
+            ApiKey.key_hash == hash_key(plain)
+        ).execute()
     with pytest.raises(openai.AuthenticationError) as caught:
         gateway.client(plain).chat.completions.create(model="deepseek-chat", messages=HI)
     assert caught.value.status_code == 401 and "has expired" in caught.value.message
