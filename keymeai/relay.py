@@ -131,15 +131,18 @@ def client_hung_up(sock: Any) -> bool:
 
 def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySettings) -> Response:
     """The client's response: the checked completion, or the stream of chunks."""
-    if opened.events is None:
-        assert opened.completion is not None
-        meter.observe(opened.completion)
-        meter.finish(200, "ok")
-        return Response(opened.raw_body, mimetype="application/json")
     client = client_socket()
     if client is not None:
         with contextlib.suppress(OSError):
             client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+    if opened.events is None:
+        assert opened.completion is not None
+        meter.observe(opened.completion)
+        meter.finish(200, "ok")
+        answer = AnswerWrite(opened.raw_body, client, meter.request_id, settings)
+        response = Response(answer, mimetype="application/json")
+        response.headers["Content-Length"] = str(len(opened.raw_body))
+        return response
     stream = ChunkRelay(opened, chat, meter, settings, client)
     try:
         first = stream.frame(opened.first_event)
@@ -153,6 +156,45 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySett
     response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
     response.call_on_close(stream.close)  # runs even if the body was never iterated
     return response
+
+
+def write_time_left(since: float | None, timeout: float, now: float) -> float | None:
+    """How much longer a write begun at `since` may last (None: no write in progress);
+    once the shutdown cut-off has passed, at most CUT_WRITE_GRACE."""
+    if since is None:
+        return None
+    if _cut_at is not None and now >= _cut_at:
+        timeout = min(timeout, CUT_WRITE_GRACE)
+    return since + timeout - now
+
+
+class AnswerWrite:
+    """A non-stream answer, written in one piece under the same bound as a stream's
+    chunks: a client that does not take it within the write timeout is disconnected
+    (keymeai.stalls), so it cannot hold a greenlet or thread. The request was metered
+    before the write began."""
+
+    def __init__(self, body: bytes, client: Any, request_id: str, settings: GatewaySettings):
+        self.body = body
+        self.client = client
+        self.request_id = request_id
+        self.write_timeout = settings.stream_write_timeout_seconds
+        self.writing_since: float | None = None
+
+    def write_time_left(self, now: float) -> float | None:
+        return write_time_left(self.writing_since, self.write_timeout, now)
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.client is None:
+            yield self.body
+            return
+        STALLS.add(self)
+        try:
+            self.writing_since = time.monotonic()
+            yield self.body
+        finally:
+            self.writing_since = None
+            STALLS.discard(self)
 
 
 class ChunkRelay:
@@ -191,13 +233,7 @@ class ChunkRelay:
 
     def write_time_left(self, now: float) -> float | None:
         """How much longer the chunk being written may take (keymeai.stalls asks)."""
-        since = self.writing_since
-        if since is None:
-            return None
-        limit = self.write_timeout
-        if _cut_at is not None and now >= _cut_at:
-            limit = min(limit, CUT_WRITE_GRACE)
-        return since + limit - now
+        return write_time_left(self.writing_since, self.write_timeout, now)
 
     def frame(self, event: bytes | None) -> bytes | None:
         """The bytes to send for one upstream event (None: nothing to send)."""

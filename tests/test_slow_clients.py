@@ -9,6 +9,7 @@ stream ended.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import time
@@ -160,6 +161,36 @@ def test_client_that_stops_reading_is_dropped_and_metered_exactly(
     assert record.completion_tokens == 50_000
     assert not sent.completed
     assert "Traceback" not in served.server.log()  # the drop is a quiet EPIPE for gunicorn
+
+
+def test_non_stream_answer_nobody_reads_is_dropped_after_the_write_timeout(
+    serve: Callable[..., Served],
+) -> None:
+    """A 200k-word non-stream answer (about 1.4 MB) to a client with a small window that
+    reads nothing: metered before the write, and the connection dropped once the write
+    has lasted stream_write_timeout_seconds (2 s), so the client holds no worker. Read
+    afterwards, the connection ends before the answer does: the server gave up on it."""
+    served = serve()
+    with open_stream(served.server.url, served.key, {**ask(200_000), "stream": False}) as sock:
+        [record] = wait_for_records(1, timeout=20)
+        assert (record.stream, record.outcome, record.estimated) == (False, "ok", False)
+        time.sleep(2 + 1.5)  # the write timeout, the stall check's tick, a margin
+        received = read_to_end(sock, timeout=10)
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+    assert length > 1_000_000 and len(body) < length
+    assert "Traceback" not in served.server.log()
+
+
+def read_to_end(sock: Any, timeout: float) -> bytes:
+    """Everything the server sends until it closes the connection (or `timeout`)."""
+    sock.settimeout(timeout)
+    data = b""
+    end = time.monotonic() + timeout
+    with contextlib.suppress(ConnectionResetError):
+        while time.monotonic() < end and (piece := sock.recv(65536)):
+            data += piece
+    return data
 
 
 def test_client_that_hangs_up_after_the_provider_finished_gets_exact_usage(
