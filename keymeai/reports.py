@@ -79,7 +79,7 @@ class Totals:
 
 
 def fields(by: str = "model") -> tuple[str, ...]:
-    """The report's columns: SPEC's fields, led by `day` for the per-day breakdown."""
+    """The report's columns: the documented fields, led by `day` for the per-day breakdown."""
     return ("day", *FIELDS) if by == "day" else FIELDS
 
 

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC §6 gets its 4xx in OpenAI's shape, never a 5xx, and costs nothing.
+"""Every bad input (docs/api.md) gets its 4xx in OpenAI's shape, never a 5xx, and costs nothing.
 
 The gateway runs under Werkzeug in this process with a small `max_request_bytes`, so that
 the 413 cases stay fast. A request the gateway rejects itself must not reach the fake

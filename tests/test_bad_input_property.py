@@ -1,4 +1,4 @@
-"""Property test for SPEC §6: random JSON documents never get a 5xx from a live gateway.
+"""Property test for bad input: random JSON documents never get a 5xx from a live gateway.
 
 Hypothesis throws documents with random types in every documented field (and in a few
 pass-through ones) at the gateway over real HTTP. Whatever it sends, the answer is a

@@ -1,5 +1,5 @@
 """Spend caps and token quotas hold the request's worst case while it is in flight, so that
-neither is overshot by more than one request at any concurrency (SPEC §7)."""
+neither is overshot by more than one request at any concurrency."""
 
 from __future__ import annotations
 
