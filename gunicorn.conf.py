@@ -101,6 +101,15 @@ def on_starting(server):
     os.makedirs(directory, exist_ok=True)
 
 
+def when_ready(server):
+    """Warn once per start about what the configuration leaves unservable (the flask
+    commands, which build the app too, stay quiet about it: `flask --app app info`)."""
+    from keymeai.config import setup_warnings
+
+    for warning in setup_warnings(_config):
+        server.log.warning("keymeai: %s", warning)
+
+
 def post_fork(server, worker):
     """Under gevent, let PostgreSQL queries yield to other greenlets while they wait
     (psycopg2 is C code that gevent's patching cannot reach)."""

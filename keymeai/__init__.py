@@ -58,6 +58,7 @@ def create_app(config: Config | None = None) -> Flask:
     app.wsgi_app = BodyDeadline(app.wsgi_app, gw.body_timeout_seconds, gw.max_request_bytes)  # type: ignore[method-assign]
 
     db.open_database(config.database_url)
+    db.check_reachable(config.database_url)
     db.upgrade()  # creates the tables on first start; a no-op once up to date
 
     register_error_handlers(app)

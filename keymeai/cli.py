@@ -1,4 +1,4 @@
-"""Operator commands: `flask --app app keys ...`, `usage report`, `db upgrade`."""
+"""Operator commands: `flask --app app keys ...`, `usage report`, `db upgrade`, `info`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flask.cli import AppGroup
 from . import db, gateway, keys, reports
 from .billing import format_usd, parse_usd
 from .concurrency import MAX_CONCURRENT
-from .config import ConfigError, validate_limits
+from .config import ConfigError, validate_limits, without_password
 from .ledger import ApiKey, utcnow
 
 keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")
@@ -25,6 +25,23 @@ MAX_BIGINT = 2**63  # the ledger's BIGINT columns
 def init_app(app: Flask) -> None:
     for group in (keys_cli, usage_cli, db_cli):
         app.cli.add_command(group)
+    app.cli.add_command(info)
+
+
+@click.command("info")
+def info() -> None:
+    """Say which config file, ledger and limiter storage the commands use, and which
+    models have a provider key here."""
+    config = gateway.current().config
+    click.echo(f"config:  {config.source}")
+    click.echo(f"ledger:  {without_password(config.database_url)}")
+    click.echo(f"limits:  {without_password(config.ratelimit.storage_uri)}")
+    click.echo(f"tiers:   {', '.join(config.tiers)}")
+    for model in config.models.values():
+        ready = [u for u in model.upstreams if config.providers[u.provider].api_key]
+        where = ", ".join(f"{u.provider}/{u.model}" for u in model.upstreams)
+        state = "ready" if ready else "no provider key set"
+        click.echo(f"model:   {model.id} -> {where} ({state})")
 
 
 def _tier_choice(value: str) -> str:

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peewee import Database, DatabaseProxy, PostgresqlDatabase, SqliteDatabase
+from peewee import Database, DatabaseProxy, OperationalError, PostgresqlDatabase, SqliteDatabase
 from playhouse.db_url import connect
 from playhouse.migrations import Runner
 
-from .config import ConfigError
+from .config import ConfigError, without_password
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,20 @@ def connection() -> Iterator[None]:
         yield
     finally:
         db.close()
+
+
+def check_reachable(url: str) -> None:
+    """One clear line, not a driver's traceback, when the ledger cannot be opened (most
+    often a PostgreSQL database that was never created)."""
+    try:
+        with connection():
+            pass
+    except OperationalError as exc:
+        reason = (str(exc).strip().splitlines() or ["no reason given"])[0]
+        raise ConfigError(
+            f"database {without_password(url)}: cannot connect ({reason}). Check DATABASE_URL; "
+            "a PostgreSQL database must exist first (createdb NAME)."
+        ) from None
 
 
 _applied_here: weakref.WeakKeyDictionary[Database, list[str]] = weakref.WeakKeyDictionary()

@@ -180,13 +180,6 @@ class Router:
             for model in config.models.values()
         }
         self.unconfigured = frozenset(m for m, routes in self.routes.items() if not routes)
-        for provider in config.providers.values():
-            if not provider.api_key:
-                log.warning(
-                    "provider %s has no API key: %s is not set", provider.name, provider.api_key_env
-                )
-        for model_id in sorted(self.unconfigured):
-            log.warning("model %s cannot be served: none of its providers has an API key", model_id)
 
     def open(self, chat: ChatRequest, meter: Meter) -> Opened:
         """The first upstream of the model that accepts the request, or a 503.

@@ -36,7 +36,7 @@ def expected_cost(
     completion: int,
     prices: Mapping[str, Mapping[str, float]] = PRICES,
 ) -> Decimal:
-    """The pricing rule of docs/metering.md in Decimal dollars, from the test config's price table."""
+    """The pricing rule of docs/metering.md in Decimal dollars, from the test prices."""
     price = {name: Decimal(str(value)) for name, value in prices[model].items()}
     uncached = prompt - cached
     return (
