@@ -3,23 +3,44 @@
 LLM streams last seconds to minutes, so a worker must hold many open streams at once.
 The default worker is gevent: the code stays synchronous, each request (and each
 stream's upstream reader) is a greenlet, and 1,000 concurrent streams cost a worker
-little (measured in bench/: README, "Performance"). KEYMEAI_WORKER_CLASS=gthread runs
-threaded workers instead (a stream holds a thread; GUNICORN_THREADS bounds them).
-Heroku-style hosts set PORT and WEB_CONCURRENCY; both are honoured.
+little (measured in docs/performance.md). Threaded workers instead: `-k gthread` (or
+`--worker-class`, in GUNICORN_CMD_ARGS too) or KEYMEAI_WORKER_CLASS=gthread (a stream
+holds a thread; GUNICORN_THREADS bounds them). Heroku-style hosts set PORT and
+WEB_CONCURRENCY; both are honoured.
 """
 
 import os
+import shlex
+import sys
+
+WORKER_CLASSES = ("gevent", "gthread")
+
+
+def _chosen_worker_class() -> str:
+    """The worker class asked for: gunicorn's own -k/--worker-class (command line, then
+    GUNICORN_CMD_ARGS), else KEYMEAI_WORKER_CLASS, else gevent. Read here, before
+    gunicorn applies it, because gevent must patch before anything else is imported."""
+    chosen = os.environ.get("KEYMEAI_WORKER_CLASS", "gevent")
+    for args in (shlex.split(os.environ.get("GUNICORN_CMD_ARGS", "")), sys.argv[1:]):
+        for i, arg in enumerate(args):
+            if arg in ("-k", "--worker-class") and i + 1 < len(args):
+                chosen = args[i + 1]
+            elif arg.startswith("--worker-class="):
+                chosen = arg.partition("=")[2]
+            elif arg.startswith("-k") and len(arg) > 2:
+                chosen = arg[2:]
+    return chosen.removeprefix("gunicorn.workers.ggevent.").removesuffix("Worker").lower()
+
 
 # gevent must patch the standard library before anything imports ssl, sockets or locks,
 # in this master process too, whose forks are the workers.
-worker_class = os.environ.get("KEYMEAI_WORKER_CLASS", "gevent")
+worker_class = _chosen_worker_class()
 if worker_class == "gevent":
     from gevent import monkey
 
     monkey.patch_all()
 
 import shutil  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 # prometheus-client chooses per-process files or plain memory when it is first imported,
@@ -79,10 +100,10 @@ control_socket_disable = True
 
 def on_starting(server):
     """Refuse layouts that would silently lose data or multiply limits; reset metrics."""
-    if server.cfg.worker_class_str != worker_class:
+    if worker_class not in WORKER_CLASSES or server.cfg.worker_class_str != worker_class:
         _refuse(
-            f"choose the worker class with KEYMEAI_WORKER_CLASS=gevent|gthread, not -k "
-            f"({server.cfg.worker_class_str!r}): gevent must patch before the gateway loads."
+            f"worker class {server.cfg.worker_class_str!r}: the gateway runs on gevent "
+            "(default) or gthread, chosen with -k, GUNICORN_CMD_ARGS or KEYMEAI_WORKER_CLASS."
         )
     if os.environ.get("DYNO") and _config.database_url.startswith("sqlite"):
         _refuse(

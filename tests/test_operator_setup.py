@@ -4,13 +4,17 @@ per server start instead of on every command."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
+
 from tests.processes import cli_env, flask_cli
 from tests.services import require_postgres
-from tests.support import Gunicorn, free_port
+from tests.support import ROOT, Gunicorn, free_port
 
 WARNING = "has no API key"
 
@@ -54,3 +58,26 @@ def test_the_server_warns_once_at_start_about_missing_provider_keys(
     assert log.count("provider ark has no API key: ARK_API_KEY is not set") == 1
     assert log.count("model doubao-pro-32k cannot be served") == 1
     assert log.count(WARNING) == 1  # the other providers have their keys
+
+
+def test_gunicorn_users_choose_the_worker_class_as_gunicorn_users_do(
+    start_gunicorn: Callable[..., Gunicorn], config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    """`-k gthread` on the command line or in GUNICORN_CMD_ARGS, KEYMEAI_WORKER_CLASS, or
+    gevent by default; gevent patched exactly when it is the one chosen; others refused."""
+    by_flag = start_gunicorn(args=["-k", "gthread"])
+    by_env = start_gunicorn(env={"GUNICORN_CMD_ARGS": "--worker-class=gthread --threads 8"})
+    by_default = start_gunicorn()
+    for server, chosen in ((by_flag, "gthread"), (by_env, "gthread"), (by_default, "gevent")):
+        assert f"Using worker: {chosen}" in server.log()
+        assert requests.get(f"{server.url}/healthz", timeout=5).status_code == 200
+    refused = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "-k", "sync", "app:app"],
+        cwd=ROOT,
+        env=cli_env(config_data, tmp_path, PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode != 0
+    assert "the gateway runs on gevent (default) or gthread" in refused.stderr
