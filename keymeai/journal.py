@@ -1,0 +1,385 @@
+"""The usage journal: records leave the request path, and survive the process.
+
+Each worker process appends one JSON line per event to its own file in
+`metering.journal_dir`, with one `os.write` on a descriptor opened O_APPEND and no
+fsync: once `write` returns, the kernel holds the bytes, so a SIGKILL (or any crash of
+the process) loses nothing. A `started` line is written when a request has its meter and
+its quota reservation; a `finished` line carries the record `metering.write_usage` would
+have written. A writer thread (a greenlet under gevent) applies finished lines to the
+ledger in batches, one transaction each, with the ledger's exactly-once statements
+(`metering.write_batch`): a line applied twice counts once, so any process may apply
+any journal.
+
+Files are named `<pid>-<token>-<seq>.jsonl`, and their owner holds an flock on each:
+a file nobody holds belongs to a dead process (a pid the kernel reused cannot fool
+this). `recover` applies such files: a `started` line without its `finished` line
+becomes a `lost` record (`lost_record`) and its reservation is released. A torn last
+line (the kill landed mid-write) is skipped.
+
+Readers that must see every answered request (`GET /v1/usage`, reports, the dashboard)
+call `catch_up` first, which applies the finished lines of every file in the directory
+that this process has not applied yet.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from peewee import DatabaseError, InterfaceError, OperationalError
+
+from .config import ConfigError
+from .metering import write_batch
+
+log = logging.getLogger(__name__)
+
+ROTATE_BYTES = 64 * 1024  # an applied file this large is replaced by a fresh one
+RECOVER_SECONDS = 30.0  # how often an idle writer looks for dead siblings' files
+DRAIN_SECONDS = 10.0  # how long closing waits for an unreachable ledger
+LOST_STATUS = 0  # a lost request's status: no final status was ever decided
+SUFFIX = ".jsonl"
+
+
+class JournalError(ConfigError):
+    """The journal directory cannot be used."""
+
+
+def check_directory(directory: Path) -> Path:
+    """Create `directory` if need be and prove it writable, at start-up (not at the
+    first request)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise JournalError(f"metering.journal_dir {directory}: not writable ({exc})") from None
+    return directory.resolve()
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    return json.dumps(entry, separators=(",", ":"), default=_iso).encode() + b"\n"
+
+
+def _iso(value: Any) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _record(raw: dict[str, Any]) -> dict[str, Any]:
+    """A journaled record as `write_batch` takes it (its time back to a datetime)."""
+    created = raw["created_at"]
+    if isinstance(created, str):
+        raw = {**raw, "created_at": dt.datetime.fromisoformat(created)}
+    return raw
+
+
+def lost_record(started: dict[str, Any]) -> dict[str, Any]:
+    """The record of a request whose process died before it ended: what was known at
+    its start, flagged `lost` and estimated (the prompt estimate, no completion)."""
+    prompt = started["prompt"]
+    return {
+        "key": started["key"],
+        "created_at": started["at"],
+        "record_id": started["id"],
+        "request_id": started["rq"],
+        "model": started["model"],
+        "provider": None,
+        "upstream_model": None,
+        "stream": started["stream"],
+        "status": LOST_STATUS,
+        "outcome": "lost",
+        "attempts": 0,
+        "prompt_tokens": prompt,
+        "completion_tokens": 0,
+        "total_tokens": prompt,
+        "cached_tokens": 0,
+        "reasoning_tokens": 0,
+        "estimated": True,
+        "latency_ms": 0,
+        "cost_units": started["cost"],
+    }
+
+
+def read_entries(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """The complete lines of `path` from `offset`, parsed, and the offset after them.
+
+    A last line without its newline is a write still under way (or torn by a kill):
+    it is left for the next read. A line that is not JSON is skipped and logged.
+    """
+    try:
+        with path.open("rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], offset
+    end = data.rfind(b"\n") + 1
+    entries = []
+    for raw in data[:end].splitlines():
+        try:
+            entries.append(json.loads(raw))
+        except ValueError:
+            log.warning("journal %s: unreadable line skipped", path.name)
+    return entries, offset + end
+
+
+def apply(entries: Iterable[dict[str, Any]]) -> None:
+    """Apply finished entries (a record and/or a reservation to release) in one
+    transaction; a record the ledger refuses (its key deleted) is logged and skipped."""
+    batch = [e for e in entries if e.get("e") == "f"]
+    if not batch:
+        return
+    try:
+        write_batch([_record(e["rec"]) for e in batch if e["rec"]], _releases(batch))
+    except (OperationalError, InterfaceError):
+        raise
+    except DatabaseError:
+        for entry in batch:  # one at a time, to find and drop the refused one
+            try:
+                write_batch([_record(entry["rec"])] if entry["rec"] else [], _releases([entry]))
+            except (OperationalError, InterfaceError):
+                raise
+            except DatabaseError as exc:
+                log.error("usage record refused: %s", exc, extra={"usage_record": entry["rec"]})
+
+
+def _releases(batch: list[dict[str, Any]]) -> list[int]:
+    return [e["res"] for e in batch if e.get("res") is not None]
+
+
+class Journal:
+    """This process's journal file and its writer; one per app."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queue: deque[dict[str, Any]] = deque()
+        self._inflight: dict[str, bytes] = {}  # record_id -> its started line
+        self._pid = 0
+        self._fd = -1
+        self._path: Path | None = None
+        self._size = 0
+        self._seq = 0
+        self._token = ""
+        self._writer: threading.Thread | None = None
+        self._closing = False
+        _OPEN.add(self)
+
+    # -- the request path ------------------------------------------------------------
+
+    def started(self, entry: dict[str, Any]) -> None:
+        """Note a request in flight (see `lost_record` for its fields)."""
+        line = _line({"e": "s", **entry})
+        with self._lock:
+            self._write(line)
+            self._inflight[entry["id"]] = line
+
+    def finished(
+        self, record_id: str, fields: dict[str, Any] | None, reservation_id: int | None
+    ) -> None:
+        """Journal a request's end: its record (None if it never reached an upstream)
+        and the reservation to release; the writer applies it soon after."""
+        entry = {"e": "f", "id": record_id, "res": reservation_id, "rec": fields}
+        line = _line(entry)
+        with self._lock:
+            self._write(line)
+            self._inflight.pop(record_id, None)
+            self._queue.append(entry)
+        self._wake.set()
+
+    def _write(self, line: bytes) -> None:
+        if self._pid != os.getpid():
+            self._open_new()  # first use, or a fork of the process that made the app
+        os.write(self._fd, line)
+        self._size += len(line)
+
+    def _open_new(self) -> None:
+        """Start a new file (held by this process's flock); rewrite the requests still
+        in flight into it so the old file can go."""
+        if self._pid != os.getpid():
+            self._pid, self._token, self._seq = os.getpid(), secrets.token_hex(4), 0
+            self._queue.clear()
+            self._inflight.clear()
+            self._fd = -1
+            self._writer = threading.Thread(target=self._run, name="keymeai-journal", daemon=True)
+            self._writer.start()
+        self._seq += 1
+        path = self.directory / f"{self._pid}-{self._token}-{self._seq:06d}{SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        carried = b"".join(self._inflight.values())
+        if carried:
+            os.write(fd, carried)
+        old_fd, old_path = self._fd, self._path
+        self._fd, self._path, self._size = fd, path, len(carried)
+        if old_path is not None:
+            old_path.unlink(missing_ok=True)
+            os.close(old_fd)
+
+    # -- the writer ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        """Apply what was journaled, a batch per wake-up; retry while the ledger is
+        unreachable (the lines stay in the file meanwhile)."""
+        pending: list[dict[str, Any]] = []
+        failures = 0
+        while True:
+            if not pending:
+                self._wake.wait(RECOVER_SECONDS)
+            self._wake.clear()
+            while self._queue:
+                pending.append(self._queue.popleft())
+            if not pending:
+                if self._closing:
+                    return
+                with contextlib.suppress(OperationalError, InterfaceError):
+                    recover(self.directory)
+                continue
+            try:
+                apply(pending)
+            except (OperationalError, InterfaceError) as exc:
+                failures += 1
+                log.warning("journal: ledger unreachable, will retry: %s", exc)
+                if self._closing and failures > 3:
+                    return
+                time.sleep(min(5.0, 0.05 * 2**failures))
+                continue
+            pending, failures = [], 0
+            self._rotate_if_done()
+
+    def _rotate_if_done(self) -> None:
+        with self._lock:
+            if self._size >= ROTATE_BYTES and not self._queue:
+                self._open_new()
+
+    def close(self) -> None:
+        """Drain into the ledger (SIGTERM, app teardown); the file goes once nothing in
+        it is left to apply. Without a ledger, it stays for `recover`."""
+        _OPEN.discard(self)
+        writer = self._writer
+        if writer is None or self._pid != os.getpid():
+            return
+        self._closing = True
+        self._wake.set()
+        writer.join(DRAIN_SECONDS)
+        with self._lock:
+            if not writer.is_alive() and not self._queue and not self._inflight and self._path:
+                self._path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._pid = 0
+
+
+_OPEN: set[Journal] = set()
+_applied: dict[Path, int] = {}  # file -> bytes of it this process has applied
+_applied_lock = threading.Lock()
+
+
+def close_all() -> None:
+    """Drain every journal of this process (the worker's exit, the interpreter's)."""
+    for journal in list(_OPEN):
+        journal.close()
+
+
+atexit.register(close_all)
+
+
+def default_directory(database_url: str) -> Path:
+    """`keymeai-journal/` next to a SQLite ledger, else in the working directory."""
+    if database_url.startswith("sqlite:///") and not database_url.endswith(":memory:"):
+        return Path(database_url.removeprefix("sqlite:///")).parent / "keymeai-journal"
+    return Path("keymeai-journal")
+
+
+def _files(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
+    except FileNotFoundError:
+        return []
+
+
+def catch_up(directory: Path | None = None) -> None:
+    """Apply every finished line not yet applied by this process in `directory` (by
+    default those of this process's open journals): after it, the ledger holds every
+    request answered before the call, whichever worker of this machine served it."""
+    directories = {directory} if directory else {j.directory for j in _OPEN}
+    for folder in directories:
+        present = _files(folder)
+        with _applied_lock:
+            for gone in [p for p in _applied if p.parent == folder and p not in present]:
+                del _applied[gone]
+        for path in present:
+            with _applied_lock:
+                start = _applied.get(path, 0)
+            entries, end = read_entries(path, start)
+            apply(entries)
+            with _applied_lock:
+                _applied[path] = max(end, _applied.get(path, 0))
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[bool]:
+    """Whether we got `path`'s flock, i.e. its owner is gone (held for the block)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
+def recover(directory: Path) -> int:
+    """Apply the files of dead processes in `directory`, their requests in flight as
+    `lost` records, and remove them; returns how many files. Idempotent."""
+    groups: dict[str, list[Path]] = {}
+    for path in _files(directory):
+        groups.setdefault(path.name.rsplit("-", 1)[0], []).append(path)
+    done = 0
+    for paths in groups.values():
+        with contextlib.ExitStack() as stack:
+            if not all(stack.enter_context(_held(p)) for p in paths):
+                continue  # its owner is alive (or another process is recovering it)
+            apply(_with_lost(e for p in paths for e in read_entries(p)[0]))
+            for path in paths:
+                path.unlink(missing_ok=True)
+            done += len(paths)
+    if done:
+        log.info("journal: recovered %d file(s) of stopped processes", done)
+    return done
+
+
+def _with_lost(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The finished entries, plus one for each request that started and never ended."""
+    started: dict[str, dict[str, Any]] = {}
+    finished: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.get("e") == "s":
+            started.setdefault(entry["id"], entry)
+        elif entry.get("e") == "f":
+            finished.append(entry)
+    for entry in finished:
+        started.pop(entry["id"], None)
+    lost = [{"e": "f", "res": s["res"], "rec": lost_record(s)} for s in started.values()]
+    return finished + lost
