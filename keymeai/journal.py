@@ -238,7 +238,7 @@ class Journal:
         pending: list[dict[str, Any]] = []
         failures = 0
         while True:
-            if not pending:
+            if not pending and not self._closing:
                 self._wake.wait(RECOVER_SECONDS)
             self._wake.clear()
             while self._queue:
