@@ -48,8 +48,12 @@ log = logging.getLogger(__name__)
 ROTATE_BYTES = 64 * 1024  # an applied file this large is replaced by a fresh one
 RECOVER_SECONDS = 30.0  # how often an idle writer looks for dead siblings' files
 DRAIN_SECONDS = 10.0  # how long closing waits for an unreachable ledger
+GIVE_UP_AFTER = 6  # failed attempts (about 6 s) before a closing writer leaves the file
 LOST_STATUS = 0  # a lost request's status: no final status was ever decided
 SUFFIX = ".jsonl"
+
+
+Queued = tuple[Path | None, int, dict[str, Any]]  # a finished entry: its file, offset after it
 
 
 class JournalError(ConfigError):
@@ -167,7 +171,7 @@ class Journal:
         self.directory = directory
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._queue: deque[dict[str, Any]] = deque()
+        self._queue: deque[Queued] = deque()
         self._inflight: dict[str, bytes] = {}  # record_id -> its started line
         self._pid = 0
         self._fd = -1
@@ -198,7 +202,7 @@ class Journal:
         with self._lock:
             self._write(line)
             self._inflight.pop(record_id, None)
-            self._queue.append(entry)
+            self._queue.append((self._path, self._size, entry))
         self._wake.set()
 
     def _write(self, line: bytes) -> None:
@@ -234,30 +238,37 @@ class Journal:
 
     def _run(self) -> None:
         """Apply what was journaled, a batch per wake-up; retry while the ledger is
-        unreachable (the lines stay in the file meanwhile)."""
-        pending: list[dict[str, Any]] = []
+        unreachable (the lines stay in the file meanwhile). Now and then, replay the
+        files of siblings that died (`recover`)."""
+        pending: list[Queued] = []
         failures = 0
+        swept = time.monotonic()
         while True:
             if not pending and not self._closing:
                 self._wake.wait(RECOVER_SECONDS)
             self._wake.clear()
             while self._queue:
                 pending.append(self._queue.popleft())
+            if not self._closing and time.monotonic() - swept >= RECOVER_SECONDS:
+                swept = time.monotonic()
+                with contextlib.suppress(OperationalError, InterfaceError, OSError):
+                    recover(self.directory)
             if not pending:
                 if self._closing:
                     return
-                with contextlib.suppress(OperationalError, InterfaceError):
-                    recover(self.directory)
                 continue
             try:
-                apply(pending)
+                apply(entry for _, _, entry in pending)
             except (OperationalError, InterfaceError) as exc:
                 failures += 1
                 log.warning("journal: ledger unreachable, will retry: %s", exc)
-                if self._closing and failures > 3:
+                if self._closing and failures > GIVE_UP_AFTER:
+                    self._queue.extendleft(reversed(pending))  # left in the file
                     return
                 time.sleep(min(5.0, 0.05 * 2**failures))
                 continue
+            for path, end, _ in pending:
+                _note_applied(path, end)
             pending, failures = [], 0
             self._rotate_if_done()
 
@@ -326,8 +337,14 @@ def catch_up(directory: Path | None = None) -> None:
                 start = _applied.get(path, 0)
             entries, end = read_entries(path, start)
             apply(entries)
-            with _applied_lock:
-                _applied[path] = max(end, _applied.get(path, 0))
+            _note_applied(path, end)
+
+
+def _note_applied(path: Path | None, end: int) -> None:
+    """`path` is applied up to byte `end`: `catch_up` reads on from there."""
+    if path is not None:
+        with _applied_lock:
+            _applied[path] = max(end, _applied.get(path, 0))
 
 
 @contextlib.contextmanager
