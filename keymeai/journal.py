@@ -53,7 +53,8 @@ LOST_STATUS = 0  # a lost request's status: no final status was ever decided
 SUFFIX = ".jsonl"
 
 
-Queued = tuple[Path | None, int, dict[str, Any]]  # a finished entry: its file, offset after it
+# A finished entry waiting for the writer: its file, the offset after it, it, its line.
+Queued = tuple[Path | None, int, dict[str, Any], bytes]
 
 
 class JournalError(ConfigError):
@@ -73,14 +74,17 @@ def check_directory(directory: Path) -> Path:
     return directory.resolve()
 
 
-def _line(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, separators=(",", ":"), default=_iso).encode() + b"\n"
-
-
 def _iso(value: Any) -> str:
     if isinstance(value, dt.datetime):
         return value.isoformat()
     raise TypeError(type(value).__name__)
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_iso)  # json.dumps makes one a call
+
+
+def _line(entry: dict[str, Any]) -> bytes:
+    return _ENCODER.encode(entry).encode() + b"\n"
 
 
 def _record(raw: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +147,7 @@ def read_entries(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int
 def apply(entries: Iterable[dict[str, Any]]) -> None:
     """Apply finished entries (a record and/or a reservation to release) in one
     transaction; a record the ledger refuses (its key deleted) is logged and skipped."""
-    batch = [e for e in entries if e.get("e") == "f"]
+    batch = [e for e in entries if e.get("e") == "f" and (e["rec"] or e["res"] is not None)]
     if not batch:
         return
     try:
@@ -200,9 +204,9 @@ class Journal:
         entry = {"e": "f", "id": record_id, "res": reservation_id, "rec": fields}
         line = _line(entry)
         with self._lock:
-            self._write(line)
             self._inflight.pop(record_id, None)
-            self._queue.append((self._path, self._size, entry))
+            self._write(line)
+            self._queue.append((self._path, self._size, entry, line))
         self._wake.set()
 
     def _write(self, line: bytes) -> None:
@@ -212,8 +216,9 @@ class Journal:
         self._size += len(line)
 
     def _open_new(self) -> None:
-        """Start a new file (held by this process's flock); rewrite the requests still
-        in flight into it so the old file can go."""
+        """Start a new file (held by this process's flock) and rewrite into it what is
+        not applied yet, the requests in flight and the finished lines queued, so the
+        old file can go."""
         if self._pid != os.getpid():
             self._pid, self._token, self._seq = os.getpid(), secrets.token_hex(4), 0
             self._queue.clear()
@@ -225,11 +230,18 @@ class Journal:
         path = self.directory / f"{self._pid}-{self._token}-{self._seq:06d}{SUFFIX}"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        carried = b"".join(self._inflight.values())
+        carried = [*self._inflight.values()]
+        size = sum(map(len, carried))
+        queued = list(self._queue)
+        self._queue.clear()
+        for _, _, entry, line in queued:
+            carried.append(line)
+            size += len(line)
+            self._queue.append((path, size, entry, line))
         if carried:
-            os.write(fd, carried)
+            os.write(fd, b"".join(carried))
         old_fd, old_path = self._fd, self._path
-        self._fd, self._path, self._size = fd, path, len(carried)
+        self._fd, self._path, self._size = fd, path, size
         if old_path is not None:
             old_path.unlink(missing_ok=True)
             os.close(old_fd)
@@ -258,7 +270,7 @@ class Journal:
                     return
                 continue
             try:
-                apply(entry for _, _, entry in pending)
+                apply(entry for _, _, entry, _ in pending)
             except (OperationalError, InterfaceError) as exc:
                 failures += 1
                 log.warning("journal: ledger unreachable, will retry: %s", exc)
@@ -267,14 +279,14 @@ class Journal:
                     return
                 time.sleep(min(5.0, 0.05 * 2**failures))
                 continue
-            for path, end, _ in pending:
+            for path, end, _, _ in pending:
                 _note_applied(path, end)
             pending, failures = [], 0
             self._rotate_if_done()
 
     def _rotate_if_done(self) -> None:
         with self._lock:
-            if self._size >= ROTATE_BYTES and not self._queue:
+            if self._size >= ROTATE_BYTES:
                 self._open_new()
 
     def close(self) -> None:

@@ -85,22 +85,38 @@ class Meter:
     def journal_to(self, journal: Journal, reservation_id: int | None) -> None:
         """Write the record through `journal`, noting the request as in flight there:
         if the process dies before `finish`, it is recorded `lost` (journal.lost_record)."""
-        self.journal = journal
         self.reservation_id = reservation_id
         prompt = self.chat.prompt_estimate
-        journal.started(
-            {
-                "id": self.record_id,
-                "key": self.key.id,
-                "model": self.chat.model.id,
-                "res": reservation_id,
-                "prompt": prompt,
-                "cost": cost_units(self.chat.model.price, Usage(prompt=prompt)),
-                "stream": self.chat.stream,
-                "rq": self.request_id,
-                "at": utcnow(),
-            }
-        )
+        try:
+            journal.started(
+                {
+                    "id": self.record_id,
+                    "key": self.key.id,
+                    "model": self.chat.model.id,
+                    "res": reservation_id,
+                    "prompt": prompt,
+                    "cost": cost_units(self.chat.model.price, Usage(prompt=prompt)),
+                    "stream": self.chat.stream,
+                    "rq": self.request_id,
+                    "at": utcnow(),
+                }
+            )
+        except OSError as exc:
+            log.error("usage journal not writable, writing to the ledger: %s", exc)
+            return
+        self.journal = journal
+
+    def _journaled(self, fields: dict[str, Any] | None) -> bool:
+        """Whether the journal took the record; if its disk fails (full, gone), the
+        record is written to the ledger at once instead."""
+        if self.journal is None:
+            return False
+        try:
+            self.journal.finished(self.record_id, fields, self.reservation_id)
+        except OSError as exc:
+            log.error("usage journal not writable, writing to the ledger: %s", exc)
+            return False
+        return True
 
     def attempt(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -158,9 +174,7 @@ class Meter:
                 "latency_ms": latency_ms,
                 "cost_units": cost_units(self.chat.model.price, usage),
             }
-        if self.journal is not None:
-            self.journal.finished(self.record_id, fields, self.reservation_id)
-        elif fields is not None or self.reservation_id is not None:
+        if not self._journaled(fields) and (fields is not None or self.reservation_id is not None):
             write_usage(fields, self.reservation_id)
         metrics.request_finished(self.chat.model.id, status, outcome, usage)
         log.info(

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import journal, quota
+from keymeai import create_app, journal, quota
+from keymeai.config import ConfigError
 from keymeai.db import connection, db, is_sqlite
 from keymeai.keys import KeyInfo, create_key
 from keymeai.ledger import QuotaReservation, UsageDaily, UsageRecord
@@ -233,3 +234,32 @@ def test_a_torn_last_line_is_skipped_and_requests_in_flight_are_lost(
     assert [r.outcome for r in usage_records()] == ["ok", "lost"]
     with connection():
         assert QuotaReservation.select().count() == 0
+
+
+def test_a_rotated_journal_keeps_the_requests_in_flight(
+    metered: Callable[[journal.Journal], Meter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "ROTATE_BYTES", 1)  # a new file after every batch
+    live = journal.Journal(journal.check_directory(tmp_path / "live"))
+    in_flight = metered(live)
+    for _ in range(3):
+        metered(live).finish(200, "ok")
+        assert wait_until(lambda: reservations() == 1)
+    assert wait_until(lambda: journal_files(tmp_path / "live")[0].name.endswith("-000004.jsonl"))
+    (current,) = journal_files(tmp_path / "live")  # the applied files are gone
+    dead_copy(current, tmp_path / "dead")
+    assert journal.recover(tmp_path / "dead") == 1
+    assert sorted(r.outcome for r in usage_records()) == ["lost", "ok", "ok", "ok"]
+    assert reservations() == 0
+    in_flight.finish(200, "ok")
+    live.close()
+    assert len(usage_records()) == 4 and daily()[0][0] == 4
+
+
+def test_an_unwritable_journal_directory_is_refused_at_start(
+    config_data: dict[str, Any], tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("")
+    config_data["metering"]["journal_dir"] = str(tmp_path / "file" / "journal")
+    with pytest.raises(ConfigError, match=r"metering.journal_dir .*not writable"):
+        create_app(build_config(config_data))
