@@ -38,6 +38,7 @@ def create_app(config: Config | None = None) -> Flask:
         logs,
         ops,
         pages,
+        replay,
         standing,
     )
     from .auth import KeyCache
@@ -65,7 +66,7 @@ def create_app(config: Config | None = None) -> Flask:
     journal_dir = journal.check_directory(
         Path(config.metering.journal_dir or journal.default_directory(config.database_url))
     )
-    journal.recover(journal_dir)  # what a killed worker of an earlier run left
+    replay.recover(journal_dir)  # what a killed worker of an earlier run left
 
     register_error_handlers(app)
     ops.init_app(app)

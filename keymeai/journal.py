@@ -12,9 +12,10 @@ any journal.
 
 Files are named `<pid>-<token>-<seq>.jsonl`, and their owner holds an flock on each:
 a file nobody holds belongs to a dead process (a pid the kernel reused cannot fool
-this). `recover` applies such files: a `started` line without its `finished` line
-becomes a `lost` record (`lost_record`) and its reservation is released. A torn last
-line (the kill landed mid-write) is skipped.
+this). `replay.recover` applies such files (at start-up, and every 30 s for siblings):
+a `started` line without its `finished` line becomes a `lost` record
+(`replay.lost_record`) and its reservation is released. A torn last line (the kill
+landed mid-write) is skipped.
 
 Readers that must see every answered request (`GET /v1/usage`, reports, the dashboard)
 call `catch_up` first, which applies the finished lines of every file in the directory
@@ -34,14 +35,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from peewee import DatabaseError, InterfaceError, OperationalError
+from peewee import InterfaceError, OperationalError
 
+from . import replay
 from .config import ConfigError
-from .metering import write_batch
+from .replay import SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ ROTATE_BYTES = 64 * 1024  # an applied file this large is replaced by a fresh on
 RECOVER_SECONDS = 30.0  # how often an idle writer looks for dead siblings' files
 DRAIN_SECONDS = 10.0  # how long closing waits for an unreachable ledger
 GIVE_UP_AFTER = 6  # failed attempts (about 6 s) before a closing writer leaves the file
-LOST_STATUS = 0  # a lost request's status: no final status was ever decided
-SUFFIX = ".jsonl"
 
 
 # A finished entry waiting for the writer: its file, the offset after it, it, its line.
@@ -85,87 +84,6 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_iso)  # json.dumps m
 
 def _line(entry: dict[str, Any]) -> bytes:
     return _ENCODER.encode(entry).encode() + b"\n"
-
-
-def _record(raw: dict[str, Any]) -> dict[str, Any]:
-    """A journaled record as `write_batch` takes it (its time back to a datetime)."""
-    created = raw["created_at"]
-    if isinstance(created, str):
-        raw = {**raw, "created_at": dt.datetime.fromisoformat(created)}
-    return raw
-
-
-def lost_record(started: dict[str, Any]) -> dict[str, Any]:
-    """The record of a request whose process died before it ended: what was known at
-    its start, flagged `lost` and estimated (the prompt estimate, no completion)."""
-    prompt = started["prompt"]
-    return {
-        "key": started["key"],
-        "created_at": started["at"],
-        "record_id": started["id"],
-        "request_id": started["rq"],
-        "model": started["model"],
-        "provider": None,
-        "upstream_model": None,
-        "stream": started["stream"],
-        "status": LOST_STATUS,
-        "outcome": "lost",
-        "attempts": 0,
-        "prompt_tokens": prompt,
-        "completion_tokens": 0,
-        "total_tokens": prompt,
-        "cached_tokens": 0,
-        "reasoning_tokens": 0,
-        "estimated": True,
-        "latency_ms": 0,
-        "cost_units": started["cost"],
-    }
-
-
-def read_entries(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """The complete lines of `path` from `offset`, parsed, and the offset after them.
-
-    A last line without its newline is a write still under way (or torn by a kill):
-    it is left for the next read. A line that is not JSON is skipped and logged.
-    """
-    try:
-        with path.open("rb") as fh:
-            fh.seek(offset)
-            data = fh.read()
-    except FileNotFoundError:
-        return [], offset
-    end = data.rfind(b"\n") + 1
-    entries = []
-    for raw in data[:end].splitlines():
-        try:
-            entries.append(json.loads(raw))
-        except ValueError:
-            log.warning("journal %s: unreadable line skipped", path.name)
-    return entries, offset + end
-
-
-def apply(entries: Iterable[dict[str, Any]]) -> None:
-    """Apply finished entries (a record and/or a reservation to release) in one
-    transaction; a record the ledger refuses (its key deleted) is logged and skipped."""
-    batch = [e for e in entries if e.get("e") == "f" and (e["rec"] or e["res"] is not None)]
-    if not batch:
-        return
-    try:
-        write_batch([_record(e["rec"]) for e in batch if e["rec"]], _releases(batch))
-    except (OperationalError, InterfaceError):
-        raise
-    except DatabaseError:
-        for entry in batch:  # one at a time, to find and drop the refused one
-            try:
-                write_batch([_record(entry["rec"])] if entry["rec"] else [], _releases([entry]))
-            except (OperationalError, InterfaceError):
-                raise
-            except DatabaseError as exc:
-                log.error("usage record refused: %s", exc, extra={"usage_record": entry["rec"]})
-
-
-def _releases(batch: list[dict[str, Any]]) -> list[int]:
-    return [e["res"] for e in batch if e.get("res") is not None]
 
 
 class Journal:
@@ -264,13 +182,13 @@ class Journal:
             if not self._closing and time.monotonic() - swept >= RECOVER_SECONDS:
                 swept = time.monotonic()
                 with contextlib.suppress(OperationalError, InterfaceError, OSError):
-                    recover(self.directory)
+                    replay.recover(self.directory)
             if not pending:
                 if self._closing:
                     return
                 continue
             try:
-                apply(entry for _, _, entry, _ in pending)
+                replay.apply(entry for _, _, entry, _ in pending)
             except (OperationalError, InterfaceError) as exc:
                 failures += 1
                 log.warning("journal: ledger unreachable, will retry: %s", exc)
@@ -280,7 +198,7 @@ class Journal:
                 time.sleep(min(5.0, 0.05 * 2**failures))
                 continue
             for path, end, _, _ in pending:
-                _note_applied(path, end)
+                replay.note_applied(path, end)
             pending, failures = [], 0
             self._rotate_if_done()
 
@@ -307,8 +225,6 @@ class Journal:
 
 
 _OPEN: set[Journal] = set()
-_applied: dict[Path, int] = {}  # file -> bytes of it this process has applied
-_applied_lock = threading.Lock()
 
 
 def close_all() -> None:
@@ -327,88 +243,10 @@ def default_directory(database_url: str) -> Path:
     return Path("keymeai-journal")
 
 
-def _files(directory: Path) -> list[Path]:
-    try:
-        return sorted(p for p in directory.iterdir() if p.name.endswith(SUFFIX))
-    except FileNotFoundError:
-        return []
-
-
 def catch_up(directory: Path | None = None) -> None:
     """Apply every finished line not yet applied by this process in `directory` (by
     default those of this process's open journals): after it, the ledger holds every
     request answered before the call, whichever worker of this machine served it."""
     directories = {directory} if directory else {j.directory for j in _OPEN}
     for folder in directories:
-        present = _files(folder)
-        with _applied_lock:
-            for gone in [p for p in _applied if p.parent == folder and p not in present]:
-                del _applied[gone]
-        for path in present:
-            with _applied_lock:
-                start = _applied.get(path, 0)
-            entries, end = read_entries(path, start)
-            apply(entries)
-            _note_applied(path, end)
-
-
-def _note_applied(path: Path | None, end: int) -> None:
-    """`path` is applied up to byte `end`: `catch_up` reads on from there."""
-    if path is not None:
-        with _applied_lock:
-            _applied[path] = max(end, _applied.get(path, 0))
-
-
-@contextlib.contextmanager
-def _held(path: Path) -> Iterator[bool]:
-    """Whether we got `path`'s flock, i.e. its owner is gone (held for the block)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        yield False
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        yield False
-        return
-    try:
-        yield True
-    finally:
-        os.close(fd)
-
-
-def recover(directory: Path) -> int:
-    """Apply the files of dead processes in `directory`, their requests in flight as
-    `lost` records, and remove them; returns how many files. Idempotent."""
-    groups: dict[str, list[Path]] = {}
-    for path in _files(directory):
-        groups.setdefault(path.name.rsplit("-", 1)[0], []).append(path)
-    done = 0
-    for paths in groups.values():
-        with contextlib.ExitStack() as stack:
-            if not all(stack.enter_context(_held(p)) for p in paths):
-                continue  # its owner is alive (or another process is recovering it)
-            apply(_with_lost(e for p in paths for e in read_entries(p)[0]))
-            for path in paths:
-                path.unlink(missing_ok=True)
-            done += len(paths)
-    if done:
-        log.info("journal: recovered %d file(s) of stopped processes", done)
-    return done
-
-
-def _with_lost(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The finished entries, plus one for each request that started and never ended."""
-    started: dict[str, dict[str, Any]] = {}
-    finished: list[dict[str, Any]] = []
-    for entry in entries:
-        if entry.get("e") == "s":
-            started.setdefault(entry["id"], entry)
-        elif entry.get("e") == "f":
-            finished.append(entry)
-    for entry in finished:
-        started.pop(entry["id"], None)
-    lost = [{"e": "f", "res": s["res"], "rec": lost_record(s)} for s in started.values()]
-    return finished + lost
+        replay.catch_up(folder)

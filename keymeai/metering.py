@@ -3,10 +3,11 @@
 A `Meter` follows a request from routing to the last byte relayed. It takes the usage
 the upstream reports (DeepSeek on its finish chunk, DashScope and Ark on a separate
 chunk, everyone on a non-stream body) and, for a stream cut short or an upstream that
-reports nothing, an estimate of what was relayed, flagged as such. `finish()` writes the
-record, the day's roll-up and the release of the quota reservation in one transaction,
+reports nothing, an estimate of what was relayed, flagged as such. `finish()` hands the
+record and the release of the quota reservation to the usage journal (keymeai.journal),
 whatever path the request ended by: success, a client that hung up, an upstream that
-died, an error.
+died, an error; `write_batch` then writes records, roll-ups and releases in one
+transaction.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ class Meter:
 
     def journal_to(self, journal: Journal, reservation_id: int | None) -> None:
         """Write the record through `journal`, noting the request as in flight there:
-        if the process dies before `finish`, it is recorded `lost` (journal.lost_record)."""
+        if the process dies before `finish`, it is recorded `lost` (replay.lost_record)."""
         self.reservation_id = reservation_id
         prompt = self.chat.prompt_estimate
         try:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import create_app, journal, quota
+from keymeai import create_app, journal, quota, replay
 from keymeai.config import ConfigError
 from keymeai.db import connection, db, is_sqlite
 from keymeai.keys import KeyInfo, create_key
@@ -197,18 +197,18 @@ def test_a_journal_replayed_twice_counts_once(
     (source,) = journal_files(tmp_path / "live")
     journal.catch_up(tmp_path / "live")
     journal.catch_up(tmp_path / "live")
-    replay = tmp_path / "replay"
-    dead_copy(source, replay)
-    assert journal.recover(replay) == 1
-    dead_copy(source, replay)
-    assert journal.recover(replay) == 1
+    copies = tmp_path / "copies"
+    dead_copy(source, copies)
+    assert replay.recover(copies) == 1
+    dead_copy(source, copies)
+    assert replay.recover(copies) == 1
     live.close()
     records = usage_records()
     assert len(records) == 3 and len({r.record_id for r in records}) == 3
     assert [(r.outcome, r.total_tokens, r.estimated) for r in records] == [("ok", 18, False)] * 3
     assert daily() == [(3, 54, records[0].cost_units * 3)]
     assert reservations() == 0
-    assert journal_files(tmp_path / "live") == [] and journal_files(replay) == []
+    assert journal_files(tmp_path / "live") == [] and journal_files(copies) == []
 
 
 def test_a_torn_last_line_is_skipped_and_requests_in_flight_are_lost(
@@ -221,7 +221,7 @@ def test_a_torn_last_line_is_skipped_and_requests_in_flight_are_lost(
     (source,) = journal_files(tmp_path / "live")
     dead = tmp_path / "dead"
     dead_copy(source, dead, tail=b'{"e":"f","id":"' + in_flight.record_id.encode())
-    assert journal.recover(dead) == 1
+    assert replay.recover(dead) == 1
     records = usage_records()
     assert sorted((r.outcome, r.total_tokens) for r in records) == [("lost", 4), ("ok", 18)]
     lost = next(r for r in records if r.outcome == "lost")
@@ -248,7 +248,7 @@ def test_a_rotated_journal_keeps_the_requests_in_flight(
     assert wait_until(lambda: journal_files(tmp_path / "live")[0].name.endswith("-000004.jsonl"))
     (current,) = journal_files(tmp_path / "live")  # the applied files are gone
     dead_copy(current, tmp_path / "dead")
-    assert journal.recover(tmp_path / "dead") == 1
+    assert replay.recover(tmp_path / "dead") == 1
     assert sorted(r.outcome for r in usage_records()) == ["lost", "ok", "ok", "ok"]
     assert reservations() == 0
     in_flight.finish(200, "ok")
