@@ -141,7 +141,7 @@ class Journal:
             self._pid, self._token, self._seq = os.getpid(), secrets.token_hex(4), 0
             self._queue.clear()
             self._inflight.clear()
-            self._fd = -1
+            self._fd, self._path, self._closing = -1, None, False  # the parent's are its own
             self._writer = threading.Thread(target=self._run, name="keymeai-journal", daemon=True)
             self._writer.start()
         self._seq += 1
@@ -189,9 +189,15 @@ class Journal:
                 continue
             try:
                 replay.apply(entry for _, _, entry, _ in pending)
-            except (OperationalError, InterfaceError) as exc:
+            except Exception as exc:  # the lines stay: retried, never dropped
                 failures += 1
-                log.warning("journal: ledger unreachable, will retry: %s", exc)
+                unreachable = isinstance(exc, OperationalError | InterfaceError)
+                log.log(
+                    logging.WARNING if unreachable else logging.ERROR,
+                    "journal: usage records not applied yet, will retry: %s",
+                    exc,
+                    exc_info=not unreachable,
+                )
                 if self._closing and failures > GIVE_UP_AFTER:
                     self._queue.extendleft(reversed(pending))  # left in the file
                     return
