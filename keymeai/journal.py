@@ -226,8 +226,9 @@ class Journal:
         with self._lock:
             if not writer.is_alive() and not self._queue and not self._inflight and self._path:
                 self._path.unlink(missing_ok=True)
-            os.close(self._fd)
-            self._pid = 0
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._pid, self._fd = 0, -1
 
 
 _OPEN: set[Journal] = set()

@@ -281,3 +281,16 @@ def test_an_unwritable_journal_directory_is_refused_at_start(
     config_data["metering"]["journal_dir"] = str(tmp_path / "file" / "journal")
     with pytest.raises(ConfigError, match=r"metering.journal_dir .*not writable"):
         create_app(build_config(config_data))
+
+
+def test_a_journal_that_cannot_be_written_falls_back_to_the_ledger(
+    start_gateway: Callable[..., Any], config_data: dict[str, Any]
+) -> None:
+    gateway = start_gateway(config_data)
+    key = gateway.create_key("standard")
+    shutil.rmtree(config_data["metering"]["journal_dir"])  # its disk is gone
+    with gateway.client(key) as client:
+        answer(client, "fallback", words=5, stream=False)
+        with connection():  # written at once: nothing is left to apply
+            (record,) = UsageRecord.select()
+    assert_answered(record, words=5, stream=False)
