@@ -158,6 +158,14 @@ def post_worker_init(worker):
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def worker_exit(server, worker):
+    """Drain the worker's usage journal into the ledger before it exits (an ephemeral
+    disk may not outlive the process)."""
+    from keymeai.journal import close_all
+
+    close_all()
+
+
 def child_exit(server, worker):
     """A dead worker's live gauges must not count any more."""
     from prometheus_client import multiprocess

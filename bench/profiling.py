@@ -40,6 +40,8 @@ CONCERNS = [
     ("keymeai/sse.py", "relay to the client"),
     ("write_usage", "metering: ledger write (peewee, SQLite)"),
     ("_roll_up", "metering: ledger write (peewee, SQLite)"),
+    ("write_batch", "metering: ledger write (peewee, SQLite)"),
+    ("keymeai/journal.py", "metering: journal lines and writer"),
     ("keymeai/metering.py", "metering: record fields"),
     ("keymeai/billing.py", "metering: record fields"),
     ("keymeai/logs.py", "logging"),

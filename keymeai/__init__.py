@@ -19,6 +19,8 @@ def create_app(config: Config | None = None) -> Flask:
     reads the config (keymeai.config) before a gevent worker patches the standard
     library, and ssl, sockets and locks must be imported after that patching.
     """
+    from pathlib import Path
+
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
@@ -31,10 +33,12 @@ def create_app(config: Config | None = None) -> Flask:
         dashboard,
         db,
         guesses,
+        journal,
         limits,
         logs,
         ops,
         pages,
+        replay,
         standing,
     )
     from .auth import KeyCache
@@ -60,6 +64,10 @@ def create_app(config: Config | None = None) -> Flask:
     db.open_database(config.database_url)
     db.check_reachable(config.database_url)
     db.upgrade()  # creates the tables on first start; a no-op once up to date
+    journal_dir = journal.check_directory(
+        Path(config.metering.journal_dir or journal.default_directory(config.database_url))
+    )
+    replay.recover(journal_dir)  # what a killed worker of an earlier run left
 
     register_error_handlers(app)
     ops.init_app(app)
@@ -79,6 +87,7 @@ def create_app(config: Config | None = None) -> Flask:
         router=router,
         keys=KeyCache(config.gateway.key_cache_seconds),
         limiter=limiter,
+        journal=journal.Journal(journal_dir),
     )
     cli.init_app(app)
     return app

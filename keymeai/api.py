@@ -68,7 +68,7 @@ def chat_completions() -> Response:
     reservation, g.quota = quota.reserve(key, g.tier, chat, gw.config.quota)
 
     meter = Meter(key, chat, g.request_id)
-    meter.reservation_id = reservation
+    meter.journal_to(gw.journal, reservation)
     meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)

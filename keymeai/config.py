@@ -102,6 +102,11 @@ class QuotaSettings:
 
 
 @dataclass(frozen=True)
+class MeteringSettings:
+    journal_dir: str = ""  # "": keymeai-journal/ next to a SQLite ledger, else in the cwd
+
+
+@dataclass(frozen=True)
 class RoutingSettings:
     failure_threshold: int = 3
     cooldown_seconds: float = 30.0
@@ -118,6 +123,7 @@ class Config:
     providers: Mapping[str, Provider]
     models: Mapping[str, Model]
     admin_token: str | None = field(repr=False, default=None)
+    metering: MeteringSettings = MeteringSettings()
     source: str = "<mapping>"
 
 
@@ -252,6 +258,10 @@ def parse_config(
         raise ConfigError(f"quota.image_tokens: must be at most {MAX_IMAGE_TOKENS}")
     qs.done()
 
+    ms = root.section("metering")
+    metering = MeteringSettings(journal_dir=ms.take("journal_dir", str, ""))
+    ms.done()
+
     rs = root.section("routing")
     routing = RoutingSettings(
         failure_threshold=rs.integer("failure_threshold", 3),
@@ -270,6 +280,7 @@ def parse_config(
         ratelimit=RateLimitSettings(storage_uri, on_error, tls_verify, lease),
         quota=quota,
         routing=routing,
+        metering=metering,
         tiers=tiers,
         providers=providers,
         models=models,

@@ -10,6 +10,7 @@ from flask_limiter import Limiter
 
 from .auth import KeyCache
 from .config import Config
+from .journal import Journal
 from .upstream import Router
 
 
@@ -19,6 +20,7 @@ class Gateway:
     router: Router
     keys: KeyCache
     limiter: Limiter
+    journal: Journal
 
 
 def current() -> Gateway:

@@ -3,10 +3,11 @@
 A `Meter` follows a request from routing to the last byte relayed. It takes the usage
 the upstream reports (DeepSeek on its finish chunk, DashScope and Ark on a separate
 chunk, everyone on a non-stream body) and, for a stream cut short or an upstream that
-reports nothing, an estimate of what was relayed, flagged as such. `finish()` writes the
-record, the day's roll-up and the release of the quota reservation in one transaction,
+reports nothing, an estimate of what was relayed, flagged as such. `finish()` hands the
+record and the release of the quota reservation to the usage journal (keymeai.journal),
 whatever path the request ended by: success, a client that hung up, an upstream that
-died, an error.
+died, an error; `write_batch` then writes records, roll-ups and releases in one
+transaction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peewee import InterfaceError, OperationalError
 
@@ -29,6 +30,9 @@ from .keys import KeyInfo
 from .ledger import UsageRecord, utcnow
 from .tokens import delta_text, estimate_tenths, tokens
 from .validation import ChatRequest
+
+if TYPE_CHECKING:
+    from .journal import Journal
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,45 @@ class Meter:
         self.output_tenths = 0  # estimated tokens relayed so far, in tenths
         self.reservation_id: int | None = None
         self.on_finish: Callable[[], None] | None = None  # e.g. the concurrency slot's release
+        self.journal: Journal | None = None  # where `finish` writes; None: to the ledger at once
         self._finished = False
         self._lock = threading.Lock()
+
+    def journal_to(self, journal: Journal, reservation_id: int | None) -> None:
+        """Write the record through `journal`, noting the request as in flight there:
+        if the process dies before `finish`, it is recorded `lost` (replay.lost_record)."""
+        self.reservation_id = reservation_id
+        prompt = self.chat.prompt_estimate
+        try:
+            journal.started(
+                {
+                    "id": self.record_id,
+                    "key": self.key.id,
+                    "model": self.chat.model.id,
+                    "res": reservation_id,
+                    "prompt": prompt,
+                    "cost": cost_units(self.chat.model.price, Usage(prompt=prompt)),
+                    "stream": self.chat.stream,
+                    "rq": self.request_id,
+                    "at": utcnow(),
+                }
+            )
+        except OSError as exc:
+            log.error("usage journal not writable, writing to the ledger: %s", exc)
+            return
+        self.journal = journal
+
+    def _journaled(self, fields: dict[str, Any] | None) -> bool:
+        """Whether the journal took the record; if its disk fails (full, gone), the
+        record is written to the ledger at once instead."""
+        if self.journal is None:
+            return False
+        try:
+            self.journal.finished(self.record_id, fields, self.reservation_id)
+        except OSError as exc:
+            log.error("usage journal not writable, writing to the ledger: %s", exc)
+            return False
+        return True
 
     def attempt(self, upstream: Upstream) -> None:
         self.upstream = upstream
@@ -134,7 +175,7 @@ class Meter:
                 "latency_ms": latency_ms,
                 "cost_units": cost_units(self.chat.model.price, usage),
             }
-        if fields is not None or self.reservation_id is not None:
+        if not self._journaled(fields) and (fields is not None or self.reservation_id is not None):
             write_usage(fields, self.reservation_id)
         metrics.request_finished(self.chat.model.id, status, outcome, usage)
         log.info(
@@ -189,30 +230,45 @@ def _statements(param: str) -> tuple[str, str, str]:
 def write_usage(fields: dict[str, Any] | None, reservation_id: int | None) -> None:
     """Insert the record, bump the day's roll-up, drop the reservation: all or nothing.
 
-    Retried on transient errors (a locked SQLite file, a dropped PostgreSQL connection);
-    if the ledger stays unreachable the record is logged in full so it can be replayed.
-    Exactly-once: a connection lost after COMMIT but before its acknowledgement leaves
-    the record written, so the retry finds its `record_id` taken, inserts nothing and
-    then adds nothing to the roll-up either (the reservation's release is idempotent).
+    The synchronous path, for a meter without a journal. Retried on transient errors (a
+    locked SQLite file, a dropped PostgreSQL connection); if the ledger stays
+    unreachable the record is logged in full so it can be replayed.
     """
-    record, daily, release = _statements(db.param)
     for attempt in range(1, WRITE_ATTEMPTS + 1):
         try:
-            with connection(), write_transaction():
-                if fields is not None and db.execute_sql(record, _record_values(fields)).rowcount:
-                    db.execute_sql(
-                        daily,
-                        [fields["key"], fields["created_at"].date(), fields["model"], 1]
-                        + [fields[c] for c in ROLLED_UP],
-                    )
-                if reservation_id is not None:
-                    db.execute_sql(release, [reservation_id])
+            write_batch(
+                [] if fields is None else [fields],
+                [] if reservation_id is None else [reservation_id],
+            )
             return
         except (OperationalError, InterfaceError) as exc:
             if attempt == WRITE_ATTEMPTS:
                 log.error("usage record not written: %s", exc, extra={"usage_record": fields})
                 return
             time.sleep(0.05 * 2**attempt)
+
+
+def write_batch(records: list[dict[str, Any]], reservation_ids: list[int]) -> None:
+    """Insert the records, add the inserted ones to their days' roll-ups (summed per key,
+    day and model), and drop the reservations, in one transaction.
+
+    Exactly-once: a record whose `record_id` is already there (a retry after a commit
+    whose acknowledgement was lost, a journal applied twice) inserts nothing and adds
+    nothing to the roll-up; dropping a reservation twice is harmless.
+    """
+    record, daily, release = _statements(db.param)
+    with connection(), write_transaction():
+        sums: dict[tuple[Any, ...], list[int]] = {}
+        for fields in records:
+            if db.execute_sql(record, _record_values(fields)).rowcount:
+                group = (fields["key"], fields["created_at"].date(), fields["model"])
+                values = [1, *(fields[c] for c in ROLLED_UP)]
+                total = sums.setdefault(group, [0] * len(values))
+                total[:] = [a + b for a, b in zip(total, values, strict=True)]
+        for group, values in sums.items():
+            db.execute_sql(daily, [*group, *values])
+        for reservation_id in reservation_ids:
+            db.execute_sql(release, [reservation_id])
 
 
 def _record_values(fields: dict[str, Any]) -> list[Any]:

@@ -295,8 +295,8 @@ class ChunkRelay:
     def run(self, first: bytes | None) -> Iterator[bytes]:
         """Relay events until the upstream ends; meter once, however it ends.
 
-        The record is written before the client sees the end of the stream, so a client
-        that reads its usage right after `[DONE]` finds it in the ledger.
+        The record is journaled before the client sees the end of the stream, so a client
+        that reads its usage right after `[DONE]` finds it (keymeai.journal.catch_up).
         """
         metrics.STREAMS.inc()
         STALLS.add(self)

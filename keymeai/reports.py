@@ -24,6 +24,7 @@ from peewee import fn
 
 from .billing import format_cost, month_range, to_usd
 from .db import connection, db
+from .journal import catch_up
 from .ledger import ApiKey, UsageDaily, UsageRecord
 
 FIELDS = (
@@ -109,6 +110,7 @@ def monthly_usage(month: dt.date, key_id: int | None = None, by: str = "model") 
     )
     if key_id is not None:
         query = query.where(UsageDaily.key == key_id)
+    catch_up()  # the requests journaled and not yet applied count too
     with connection():
         # The plain cursor: peewee's per-value converters would double the time of a
         # per-day report of 150,000 rows, and every value is converted in _row anyway.
@@ -128,6 +130,7 @@ def daily_totals(month: dt.date, key_id: int | None = None) -> dict[dt.date, Tot
     )
     if key_id is not None:
         query = query.where(UsageDaily.key == key_id)
+    catch_up()  # the requests journaled and not yet applied count too
     with connection():
         rows: list[tuple[Any, ...]] = db.execute(query).fetchall()
     return {_date(day): Totals(*(int(value) for value in values)) for day, *values in rows}
@@ -140,6 +143,7 @@ def last_used(key_id: int | None = None) -> dict[int, dt.datetime]:
     One statement with a MAX per key that the (key, created_at) index answers with a
     seek (SQLite and PostgreSQL alike), never a scan of the records.
     """
+    catch_up()
     with connection():
         rows: list[tuple[Any, ...]] = db.execute(last_used_query(key_id)).fetchall()
     return {key_id: _datetime(moment) for key_id, moment in rows if moment is not None}

@@ -20,6 +20,7 @@ from . import concurrency, gateway
 from .api import require_key
 from .billing import format_usd, month_bounds
 from .db import connection
+from .journal import catch_up
 from .ledger import utcnow
 from .limits import current_windows
 from .quota import month_usage, token_quota
@@ -80,6 +81,7 @@ def standing() -> dict[str, Any]:
     key, tier = g.api_key, g.tier
     now = utcnow()
     start, end = month_bounds(now)
+    catch_up()  # every request answered so far, whichever worker journaled it
     with connection():
         month = month_usage(key.id, now)
     tokens = token_quota(key, tier)

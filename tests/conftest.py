@@ -18,6 +18,7 @@ from tests.checks import SMALL_BODY_LIMIT, Api
 from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,
+    JOURNALS,
     PROVIDER_ENV,
     ROUTED_MODEL,
     Blackhole,
@@ -110,9 +111,13 @@ def upstream(fake: FakeUpstream) -> FakeUpstream:
 
 
 @pytest.fixture
-def config_data(upstream: FakeUpstream, database_url: str) -> dict[str, Any]:
-    """The gateway config as a dict; tests edit it before the gateway starts."""
-    return base_config(upstream.url, database_url)
+def config_data(upstream: FakeUpstream, database_url: str, tmp_path: Path) -> dict[str, Any]:
+    """The gateway config as a dict; tests edit it before the gateway starts. Its usage
+    journal is the test's own, and `usage_records` applies it before reading."""
+    data = base_config(upstream.url, database_url)
+    data["metering"] = {"journal_dir": str(tmp_path / "journal")}
+    JOURNALS[:] = [tmp_path / "journal"]
+    return data
 
 
 def build_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
@@ -149,6 +154,7 @@ def start_gateway(config_data: dict[str, Any]) -> Iterator[Callable[..., Gateway
     for server in servers:
         server.stop()
         server.app.extensions["keymeai"].router.close()
+        server.app.extensions["keymeai"].journal.close()
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from openai import OpenAI
 
 from keymeai.db import connection
 from keymeai.ledger import QuotaReservation
-from tests.support import free_port
+from tests.support import apply_journals, free_port
 
 MODEL = "deepseek-chat"
 HI = [{"role": "user", "content": "hi"}]  # the fake counts 4 prompt tokens; so does the gateway
@@ -81,6 +81,8 @@ def cli(app: Flask, *args: str) -> Result:
 
 
 def reservations() -> int:
+    """Reservations of requests in flight (the journals applied first)."""
+    apply_journals()
     with connection():
         return int(QuotaReservation.select().count())
 

@@ -24,6 +24,7 @@ import tomli_w
 from werkzeug.serving import make_server
 
 from keymeai.db import connection
+from keymeai.journal import catch_up
 from keymeai.ledger import UsageRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +131,20 @@ def write_toml(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
+JOURNALS: list[Path] = []  # the usage journals of the test's gateways (see conftest)
+
+
+def apply_journals() -> None:
+    """Apply what the test's gateways journaled, as `GET /v1/usage` and the reports do
+    before they read (keymeai.journal.catch_up): the ledger then holds every request
+    answered so far, and no reservation of one."""
+    for directory in JOURNALS:
+        catch_up(directory)
+
+
 def usage_records() -> list[UsageRecord]:
-    """Every usage record in the ledger, oldest first."""
+    """Every usage record in the ledger, oldest first (journals applied)."""
+    apply_journals()
     with connection():
         return list(UsageRecord.select().order_by(UsageRecord.id))
 

@@ -192,7 +192,7 @@ def test_reservation_released_when_the_client_disconnects_mid_stream(
     assert record.outcome == "client_closed"
 
 
-def test_crashed_worker_reservation_lapses(
+def test_crashed_worker_request_is_recorded_lost(
     start_gunicorn: Callable[..., Gunicorn],
     hobby: dict[str, Any],
     ledger: None,
@@ -212,12 +212,18 @@ def test_crashed_worker_reservation_lapses(
         assert wait_until(lambda: upstream.count() == 1)
         assert reservations() == 1
         (worker,) = worker_pids(master)
-        os.kill(worker, signal.SIGKILL)  # the request dies with its worker, unmetered
+        os.kill(worker, signal.SIGKILL)  # the request dies with its worker
         hung.join(10)
         upstream.switches["main"] = "ok"
         assert wait_until(lambda: worker_pids(master) not in ([], [worker]))
-        assert outcome_of_next(client) == "429 insufficient_quota"  # still held by the dead request
-        assert wait_until(lambda: outcome_of_next(client) == "ok", timeout=10)
+        # The new worker replayed the dead one's journal: the request is recorded lost,
+        # its prompt estimate counted, and its reservation released at once (no lapse).
+        assert wait_until(lambda: len(usage_records()) == 1)  # once the new worker booted
+        (lost,) = usage_records()
+        assert (lost.outcome, lost.status, lost.estimated) == ("lost", 0, True)
+        assert (lost.prompt_tokens, lost.completion_tokens, lost.total_tokens) == (4, 0, 4)
+        assert reservations() == 0
+        assert outcome_of_next(client) == "ok"
     assert usage_records()[-1].outcome == "ok"
     assert reservations() == 0
 
