@@ -115,8 +115,11 @@ def limit_key() -> str:
 
 
 def request_limits() -> str:
-    """The current key's limits, as one Flask-Limiter string ("a;b")."""
-    return ";".join(limits_in_force(g.api_key, g.tier))
+    """The current key's limits, as one Flask-Limiter string ("a;b"); none for a request
+    without a key, such as a CORS preflight (Flask answers OPTIONS itself). Flask-Limiter
+    asks before it looks at the method, and takes any error as its storage failing."""
+    key = g.get("api_key")
+    return "" if key is None else ";".join(limits_in_force(key, g.tier))
 
 
 def current_windows(limiter: Limiter) -> list[tuple[RateLimitItem, WindowStats]]:

@@ -290,3 +290,16 @@ def test_flask_limiter_evaluates_a_chat_request_once(
     assert hits == ["/v1/chat/completions"] * 3
     raw = ask(client)
     assert raw.headers["x-ratelimit-remaining-requests"] == "96"  # the GETs cost nothing
+
+
+def test_a_preflight_without_a_key_leaves_the_limit_alone(
+    gateway: Gateway, gateway_logs: pytest.LogCaptureFixture
+) -> None:
+    """An OPTIONS request has no key: Flask-Limiter must find no limit to count, not an
+    error it would take for its storage failing (and switch to counting in memory)."""
+    client = gateway.client(gateway.create_key("free"))
+    assert ask(client).headers["x-ratelimit-remaining-requests"] == "99"
+    preflight = requests.options(f"{gateway.url}/v1/chat/completions", timeout=10)
+    assert preflight.status_code == 200 and "POST" in preflight.headers["Allow"]
+    assert ask(client).headers["x-ratelimit-remaining-requests"] == "98"  # the same window
+    assert not [r for r in gateway_logs.records if r.name.startswith("keymeai.limits")]
