@@ -21,50 +21,67 @@ import servers
 # (substring of a py-spy frame "function (path:line)", concern), checked on every frame;
 # the deepest match wins, so requests' frames under the router count as "requests".
 CONCERNS = [
-    ("gunicorn/", "gunicorn: HTTP parse, socket I/O, thread pool"),
+    ("gunicorn/", "server: gunicorn HTTP parse, socket I/O"),
     ("werkzeug/", "Flask/Werkzeug: routing, request, response"),
     ("flask/", "Flask/Werkzeug: routing, request, response"),
-    ("keymeai/ops.py", "request id (ops)"),
-    ("keymeai/auth.py", "auth (key cache, header)"),
-    ("keymeai/keys.py", "auth (key cache, header)"),
-    ("flask_limiter/", "rate limit (Flask-Limiter, limits)"),
-    ("limits/", "rate limit (Flask-Limiter, limits)"),
-    ("keymeai/limits.py", "rate limit (Flask-Limiter, limits)"),
-    ("keymeai/validation.py", "validation and JSON parse of the request"),
-    ("keymeai/tokens.py", "token estimates"),
-    ("keymeai/quota.py", "quota reservation"),
-    ("keymeai/upstream.py", "upstream: routing, body serialise, response parse"),
-    ("requests/", "upstream: requests/urllib3"),
-    ("urllib3/", "upstream: requests/urllib3"),
-    ("keymeai/relay.py", "relay to the client"),
-    ("keymeai/sse.py", "relay to the client"),
-    ("write_usage", "metering: ledger write (peewee, SQLite)"),
-    ("_roll_up", "metering: ledger write (peewee, SQLite)"),
-    ("write_batch", "metering: ledger write (peewee, SQLite)"),
+    ("keymeai/ops.py", "other: request id, body deadline"),
+    ("keymeai/bodies.py", "other: request id, body deadline"),
+    ("keymeai/gateway.py", "other: request id, body deadline"),
+    ("keymeai/auth.py", "auth"),
+    ("keymeai/keys.py", "auth"),
+    ("keymeai/unconfigured.py", "auth"),
+    ("flask_limiter/", "limits (request limit, concurrency)"),
+    ("limits/", "limits (request limit, concurrency)"),
+    ("keymeai/limits.py", "limits (request limit, concurrency)"),
+    ("keymeai/concurrency.py", "limits (request limit, concurrency)"),
+    ("keymeai/validation.py", "validation (JSON parse, checks, estimate)"),
+    ("keymeai/tokens.py", "validation (JSON parse, checks, estimate)"),
+    ("keymeai/quota.py", "quota"),
+    ("keymeai/upstream.py", "routing/transport (requests, urllib3)"),
+    ("keymeai/transport.py", "routing/transport (requests, urllib3)"),
+    ("requests/", "routing/transport (requests, urllib3)"),
+    ("urllib3/", "routing/transport (requests, urllib3)"),
+    ("keymeai/relay.py", "relay"),
+    ("keymeai/sse.py", "relay"),
+    ("keymeai/stalls.py", "relay"),
+    ("write_usage", "metering: ledger write"),
+    ("_roll_up", "metering: ledger write"),
+    ("write_batch", "metering: ledger write"),
     ("keymeai/journal.py", "metering: journal lines and writer"),
+    ("keymeai/replay.py", "metering: journal lines and writer"),
     ("keymeai/metering.py", "metering: record fields"),
     ("keymeai/billing.py", "metering: record fields"),
     ("keymeai/logs.py", "logging"),
+    ("keymeai/scrub.py", "logging"),
     ("logging/", "logging"),
-    ("prometheus_client/", "metrics (prometheus-client)"),
-    ("keymeai/metrics.py", "metrics (prometheus-client)"),
+    ("prometheus_client/", "metrics"),
+    ("keymeai/metrics.py", "metrics"),
 ]
 # Helpers that count for whoever called them (json in validation is validation).
 INHERITED = [
-    ("json/", "JSON (stdlib) outside the gateway"),
-    ("peewee.py", "ledger (peewee) outside metering"),
-    ("playhouse/", "ledger (peewee) outside metering"),
-    ("http/client.py", "http.client outside requests"),
-    ("socket.py", "sockets outside requests"),
+    ("json/", "other: JSON outside the gateway's concerns"),
+    ("orjson", "other: JSON outside the gateway's concerns"),
+    ("peewee.py", "metering: ledger write"),
+    ("playhouse/", "metering: ledger write"),
+    ("http/client.py", "routing/transport (requests, urllib3)"),
+    ("socket.py", "server: gunicorn HTTP parse, socket I/O"),
+    ("gevent/", "server: gunicorn HTTP parse, socket I/O"),
 ]
+# The chat view: what wraps it (Flask's dispatch, a decorator such as Flask-Limiter's or
+# the concurrency slot) does not claim the view's own work.
+VIEW = "chat_completions (keymeai/api.py"
+IN_VIEW = "other: the view itself"
 DEFAULT = "other (interpreter, threads)"
 
 
 def concern(frames: list[str]) -> str:
     found = DEFAULT
     for frame in frames:
+        if VIEW in frame:
+            found = IN_VIEW
+            continue
         name = next((n for needle, n in CONCERNS if needle in frame), None)
-        if name is None and found == DEFAULT:
+        if name is None and found in (DEFAULT, IN_VIEW):
             name = next((n for needle, n in INHERITED if needle in frame), None)
         if name is not None:
             found = name
@@ -96,8 +113,9 @@ def top_functions(folded: Path, limit: int = 25) -> list[tuple[str, float]]:
 
 def profile_gateway(
     gateway: servers.Server, body: bytes, key: str | None, seconds: float, tmp: Path, gil: bool
-) -> list[tuple[str, float]]:
-    """py-spy the first gateway worker while wrk drives it with 8 clients."""
+) -> list[tuple[str, float, float]]:
+    """py-spy the first gateway worker while wrk drives it with 8 clients: each concern's
+    share of the samples, and that share of the server's CPU time per request (µs)."""
     worker = gateway.workers()[0]
     folded = tmp / "profile.folded"
     command = [str(servers.VENV_BIN / "py-spy"), "record", "--pid", str(worker)]
@@ -107,11 +125,12 @@ def profile_gateway(
     time.sleep(0.5)
     url = f"http://127.0.0.1:{gateway.port}/v1/chat/completions"
     script = loadgen.lua_script(body, key, tmp)
-    loadgen.run_wrk(url, script, 8, seconds, gateway.pid)
+    run = loadgen.run_wrk(url, script, 8, seconds, gateway.pid)
     _, err = spy.communicate(timeout=seconds + 30)
     if not folded.exists():
         raise RuntimeError(f"py-spy failed: {err.decode(errors='replace')[-2000:]}")
     print(f"  profile: folded stacks in {folded}")
     for name, share in top_functions(folded):
         print(f"    {share:6.1%}  {name}")
-    return summarize(folded)
+    print(f"  profile: {run.rps:.0f} req/s, {run.cpu_us_per_req:.0f} CPU us/req under py-spy")
+    return [(name, share, share * run.cpu_us_per_req) for name, share in summarize(folded)]

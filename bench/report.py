@@ -203,9 +203,9 @@ def print_report(results: dict[str, Any], workers: int) -> None:
     for what, value, target, passed in targets(results, workers):
         print(f"  {'PASS' if passed else 'FAIL'}  {what}: {value:.2f} (target {target})")
     if "profile" in results:
-        print("\nProfile of the gateway worker (py-spy, share of samples):")
-        for name, share in results["profile"]:
-            print(f"  {share:6.1%}  {name}")
+        print("\nProfile of the gateway worker (py-spy: share of samples, CPU us/req):")
+        for name, share, micros in results["profile"]:
+            print(f"  {share:6.1%} {micros:6.0f}  {name}")
 
 
 def as_json(results: dict[str, Any]) -> dict[str, Any]:

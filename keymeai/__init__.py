@@ -71,10 +71,11 @@ def create_app(config: Config | None = None) -> Flask:
 
     register_error_handlers(app)
     ops.init_app(app)
-    app.register_blueprint(api.bp)
+    limiter = limits.create(config)
+    api.init_app(app, limiter)  # before the limiter's hooks: they need the request's key
     app.register_blueprint(standing.bp)
     app.register_blueprint(admin.bp)
-    limiter = limits.init_app(app, config)
+    limits.init_app(app, limiter)
     guesses.init_app(app, limiter, fail_open=config.ratelimit.on_storage_error == "allow")
     concurrency.init_app(app, config, limiter)
     pages.init_app(app)

@@ -1,19 +1,20 @@
 """The OpenAI-compatible API under /v1.
 
-A chat completion reads top to bottom: auth (the blueprint hook) → request limit
-(Flask-Limiter, attached by `limits.init_app`) → concurrency slot → validation → token
-quota → route to an upstream → relay to the client → meter. The meter is finished on
-every way out, and the slot released with it.
+A chat completion reads top to bottom: auth (`require_key`) → request limit (the
+blueprint's, counted once by Flask-Limiter's hook: see `init_app`) → concurrency slot →
+validation → token quota → route to an upstream → relay to the client → meter. The meter
+is finished on every way out, and the slot released with it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request
+from flask import Blueprint, Flask, Response, g, jsonify, request
+from flask_limiter import Limiter
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from . import concurrency, gateway, quota
+from . import concurrency, gateway, limits, quota
 from .auth import authenticate
 from .config import Model
 from .errors import ApiError, model_not_found
@@ -27,7 +28,25 @@ from .validation import parse_chat_request, parse_json_body
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
-@bp.before_request
+def init_app(app: Flask, limiter: Limiter) -> None:
+    """The API and its policy: every request's key, then each POST's request limit.
+
+    The key is taken in an app hook, not the blueprint's: an app's hooks run before its
+    blueprints', and Flask-Limiter counts the blueprint's limit in its own app hook, which
+    must come after this one (so `limits.init_app` must come after this function).
+    """
+    if limiter.initialized:
+        raise RuntimeError("api.init_app must run before limits.init_app: the limit needs the key")
+    app.before_request(_key_first)
+    limits.per_key(limiter)(bp)
+    app.register_blueprint(bp)
+
+
+def _key_first() -> None:
+    if request.blueprint == bp.name:
+        require_key()
+
+
 def require_key() -> None:
     if request.method == "OPTIONS":
         return  # Flask's automatic answer (Allow: ...) reveals nothing; preflights carry no key
@@ -50,7 +69,7 @@ def use_key(key: KeyInfo) -> None:
     g.tier = tier
 
 
-@bp.post("/chat/completions")
+@bp.post("/chat/completions")  # its key's request limits already counted: `init_app`
 @concurrency.holding_slot
 def chat_completions() -> Response:
     gw = gateway.current()

@@ -50,7 +50,9 @@ class Watchdog:
 
     All deadlines are `timeout` after their start, so they come in order: a deque, not a
     heap, and the thread never needs waking for a new one (it sleeps until the oldest).
-    It ends when no read is left to watch.
+    It ends once no body has come for `timeout` seconds: ending as soon as no read is
+    left would start a thread (a greenlet) for nearly every request, whose body is
+    usually read before the thread first runs.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -58,10 +60,12 @@ class Watchdog:
         self._watches: deque[_Watch] = deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._last_deadline = 0.0  # of the latest body: the thread ends after it
 
     def watch(self, sock: Any) -> _Watch:
         entry = _Watch(sock, time.monotonic() + self.timeout)
         with self._lock:
+            self._last_deadline = entry.deadline
             watches = self._watches
             while watches and watches[0].done:
                 watches.popleft()  # finished reads leave as soon as they reach the head
@@ -89,10 +93,13 @@ class Watchdog:
                         entry.fired = True
                         with contextlib.suppress(OSError):
                             entry.sock.shutdown(socket.SHUT_RD)
-                if not watches:
+                if watches:
+                    wait = watches[0].deadline - now
+                elif now < self._last_deadline:
+                    wait = self._last_deadline - now  # a body came lately: more may follow
+                else:
                     self._thread = None  # idle: the next body starts another
                     return
-                wait = watches[0].deadline - now
             time.sleep(wait)
 
 

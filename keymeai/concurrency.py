@@ -190,19 +190,24 @@ class RedisSlots:
 
 
 class Slot:
-    """One request's place among its key's requests in flight; released once."""
+    """One request's place among its key's requests in flight; released once.
+
+    Once without a lock: the store is popped from the slot's attributes, which only one
+    caller can do (a lock per request costs several microseconds under gevent)."""
 
     def __init__(self, store: _Store | None, key_id: int = 0, member: str = "") -> None:
-        self._store = store
+        if store is not None:
+            self._store = store
         self._key_id = key_id
         self._member = member
-        self._lock = threading.Lock()
 
     def release(self) -> None:
-        with self._lock:
-            store, self._store = self._store, None
+        store: _Store | None = self.__dict__.pop("_store", None)
         if store is not None:
             store.release(self._key_id, self._member)
+
+
+UNBOUNDED = Slot(None)  # the slot of a key without a bound: nothing to give back
 
 
 class Concurrency:
@@ -240,7 +245,7 @@ class Concurrency:
         """A slot for a request of `key`; 429 when its requests in flight are at the bound."""
         limit = bound(key, tier)
         if limit is None:
-            return Slot(None)
+            return UNBOUNDED
         member = uuid.uuid4().hex
         store, admitted, _ = self._use(key.id, limit, member)
         if not admitted:
@@ -291,7 +296,7 @@ def current() -> Concurrency:
 
 def current_slot() -> Slot:
     """The request's slot (a no-op slot outside `holding_slot`)."""
-    slot: Slot = g.get("concurrency_slot") or Slot(None)
+    slot: Slot = g.get("concurrency_slot") or UNBOUNDED
     return slot
 
 

@@ -1,11 +1,17 @@
 """Request-rate limits per key, by Flask-Limiter, from the tier table.
 
-The identity is the API key (never the IP), so the limit is checked as a route limit,
-after the blueprint's authentication hook has put the key on `g`. Each key gets its
-tier's `requests` strings, or its own (the Scale tier's per-key overrides). Storage is
-`memory://` for one process, Redis for several. When Redis is unreachable,
-`ratelimit.on_storage_error` decides: "allow" counts in each process's memory until
-Redis answers again (Flask-Limiter's in-memory fallback), "deny" answers 503.
+The identity is the API key (never the IP). Each key gets its tier's `requests`
+strings, or its own (the Scale tier's per-key overrides). Storage is `memory://` for one
+process, Redis for several. When Redis is unreachable, `ratelimit.on_storage_error`
+decides: "allow" counts in each process's memory until Redis answers again
+(Flask-Limiter's in-memory fallback), "deny" answers 503.
+
+Flask-Limiter evaluates the limit once per request, in its own `before_request` hook:
+the limit is the API blueprint's (`per_key`), and the API's authentication is an app
+hook registered before Flask-Limiter's, so the key is known when the limit is counted.
+A route decorator would cost a second pass of Flask-Limiter's machinery on every
+request: its hook runs for every request of the app whatever else is configured (4.x
+has no switch for it), and the decorator then evaluates again.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from typing import Any
 
 from flask import Flask, Response, g, request
-from flask_limiter import Limiter, RateLimitExceeded
+from flask_limiter import Limiter, RateLimitExceeded, RouteLimit
 from limits import RateLimitItem, parse_many
 from limits.errors import StorageError
 from limits.storage import RedisStorage, Storage
@@ -109,8 +115,11 @@ def limit_key() -> str:
 
 
 def request_limits() -> str:
-    """The current key's limits, as one Flask-Limiter string ("a;b")."""
-    return ";".join(limits_in_force(g.api_key, g.tier))
+    """The current key's limits, as one Flask-Limiter string ("a;b"); none for a request
+    without a key, such as a CORS preflight (Flask answers OPTIONS itself). Flask-Limiter
+    asks before it looks at the method, and takes any error as its storage failing."""
+    key = g.get("api_key")
+    return "" if key is None else ";".join(limits_in_force(key, g.tier))
 
 
 def current_windows(limiter: Limiter) -> list[tuple[RateLimitItem, WindowStats]]:
@@ -154,8 +163,8 @@ def storage_options(settings: RateLimitSettings) -> dict[str, Any]:
     return REDIS_OPTIONS
 
 
-def init_app(app: Flask, config: Config) -> Limiter:
-    """Attach a Flask-Limiter to the app and put the per-key limit on the chat route."""
+def create(config: Config) -> Limiter:
+    """The app's Flask-Limiter, not yet on the app (see `init_app`)."""
     settings = config.ratelimit
     fail_open = settings.on_storage_error == "allow"
     limiter = Limiter(
@@ -169,9 +178,21 @@ def init_app(app: Flask, config: Config) -> Limiter:
         default_limits=[],
     )
     limiter.logger = log  # its storage warnings go out as the gateway's JSON log lines
+    return limiter
+
+
+def per_key(limiter: Limiter) -> RouteLimit:
+    """The current key's request limits, for the API blueprint's POSTs (chat completions;
+    `GET /v1/models` and `GET /v1/usage` cost nothing). As a blueprint's limit it is
+    counted by Flask-Limiter's hook, under the same storage key a decorator on the chat
+    route would use: the key's identity, then the endpoint."""
+    return limiter.limit(request_limits, key_func=limit_key, methods=["POST"])
+
+
+def init_app(app: Flask, limiter: Limiter) -> None:
+    """Put Flask-Limiter's hooks on the app (after the API's authentication hook, which
+    they need), with OpenAI's 429 and the x-ratelimit-* headers."""
     limiter.init_app(app)
-    limited = limiter.limit(request_limits, key_func=limit_key)
-    app.view_functions[CHAT_ENDPOINT] = limited(app.view_functions[CHAT_ENDPOINT])  # type: ignore[assignment]
 
     @app.errorhandler(RateLimitExceeded)
     def rate_limited(exc: RateLimitExceeded) -> Response:
@@ -216,5 +237,3 @@ def init_app(app: Flask, config: Config) -> Limiter:
         if quota is not None:
             response.headers.update(quota.headers())
         return response
-
-    return limiter

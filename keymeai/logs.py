@@ -21,6 +21,7 @@ from flask import g, has_app_context
 from .scrub import Scrubber
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+_ENCODE = json.JSONEncoder(default=str).encode  # json.dumps(..., default=str) builds one a call
 _SCALARS = (int, float, type(None))  # bool is an int
 
 
@@ -37,7 +38,7 @@ class JsonFormatter(logging.Formatter):
         entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
-        return json.dumps(entry, default=str)
+        return _ENCODE(entry)
 
 
 class RequestId(logging.Filter):

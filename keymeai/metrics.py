@@ -7,6 +7,7 @@ merges them; otherwise the process's own registry is served.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -69,10 +70,33 @@ def upstream_failed_over(provider: str, detail: str) -> None:
 
 
 def request_finished(model: str, status: int, outcome: str, usage: Usage) -> None:
-    REQUESTS.labels(model, str(status), outcome).inc()
+    _requests(model, status, outcome).inc()
     if usage.total:
-        TOKENS.labels(model, "prompt").inc(usage.prompt)
-        TOKENS.labels(model, "completion").inc(usage.completion)
+        prompt, completion = _tokens(model)
+        prompt.inc(usage.prompt)
+        completion.inc(usage.completion)
+
+
+def upstream_latency(provider: str, seconds: float) -> None:
+    _latency(provider).observe(seconds)
+
+
+# Each request's series, looked up once per label set: `labels()` validates and locks on
+# every call, a good part of what counting costs. The label values are bounded: the
+# configured models and providers, the outcomes, the HTTP statuses.
+@functools.cache
+def _requests(model: str, status: int, outcome: str) -> Counter:
+    return REQUESTS.labels(model, str(status), outcome)
+
+
+@functools.cache
+def _tokens(model: str) -> tuple[Counter, Counter]:
+    return TOKENS.labels(model, "prompt"), TOKENS.labels(model, "completion")
+
+
+@functools.cache
+def _latency(provider: str) -> Histogram:
+    return UPSTREAM_LATENCY.labels(provider)
 
 
 def exposition() -> tuple[bytes, str]:

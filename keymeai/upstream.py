@@ -230,7 +230,7 @@ class Router:
         except ApiError:
             attempt.succeeded()  # it answered: the request was at fault, not the upstream
             raise
-        metrics.UPSTREAM_LATENCY.labels(upstream.provider).observe(time.monotonic() - started)
+        metrics.upstream_latency(upstream.provider, time.monotonic() - started)
         if opened.events is None:
             attempt.succeeded()
         return opened

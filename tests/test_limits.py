@@ -10,6 +10,8 @@ from typing import Any
 
 import openai
 import pytest
+import requests
+from flask import request
 
 from keymeai import keys
 from tests.conftest import Gateway
@@ -244,3 +246,60 @@ def test_limit_strings_are_checked_at_start_up(
     config_data["tiers"]["free"]["requests"] = ["100 a day"]
     with pytest.raises(ConfigError, match=r"tiers.free.requests: invalid limit '100 a day'"):
         start_gateway(config_data)
+
+
+def test_flask_limiter_evaluates_a_chat_request_once(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One pass of Flask-Limiter per chat request, one hit of its strategy; none for
+    `GET /v1/models` and `GET /v1/usage` beyond the pass every request of the app gets.
+
+    A pass is counted where every pass of Flask-Limiter 4 resolves the limits that apply
+    (its before_request hook, and again a route decorator's wrapper if the chat route had
+    one: that arrangement costs two passes and would fail here)."""
+    limiter = gateway.app.extensions["keymeai"].limiter
+    passes: list[str] = []
+    hits: list[str] = []
+    resolve = limiter.limit_manager.resolve_limits
+    hit = limiter.limiter.hit
+
+    def resolving(*args: Any, **kwargs: Any) -> Any:
+        passes.append(request.path)
+        return resolve(*args, **kwargs)
+
+    def hitting(*args: Any, **kwargs: Any) -> bool:
+        hits.append(request.path)
+        return bool(hit(*args, **kwargs))
+
+    monkeypatch.setattr(limiter.limit_manager, "resolve_limits", resolving)
+    monkeypatch.setattr(limiter.limiter, "hit", hitting)
+    key = gateway.create_key("free")
+    client = gateway.client(key)
+    for n in range(1, 4):
+        raw = ask(client)
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(100 - n)
+    assert passes == ["/v1/chat/completions"] * 3
+    assert hits == ["/v1/chat/completions"] * 3
+
+    passes.clear()
+    client.models.list()
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {key}"
+    assert session.get(f"{gateway.url}/v1/usage", timeout=10).status_code == 200
+    assert passes == ["/v1/models", "/v1/usage"]
+    assert hits == ["/v1/chat/completions"] * 3
+    raw = ask(client)
+    assert raw.headers["x-ratelimit-remaining-requests"] == "96"  # the GETs cost nothing
+
+
+def test_a_preflight_without_a_key_leaves_the_limit_alone(
+    gateway: Gateway, gateway_logs: pytest.LogCaptureFixture
+) -> None:
+    """An OPTIONS request has no key: Flask-Limiter must find no limit to count, not an
+    error it would take for its storage failing (and switch to counting in memory)."""
+    client = gateway.client(gateway.create_key("free"))
+    assert ask(client).headers["x-ratelimit-remaining-requests"] == "99"
+    preflight = requests.options(f"{gateway.url}/v1/chat/completions", timeout=10)
+    assert preflight.status_code == 200 and "POST" in preflight.headers["Allow"]
+    assert ask(client).headers["x-ratelimit-remaining-requests"] == "98"  # the same window
+    assert not [r for r in gateway_logs.records if r.name.startswith("keymeai.limits")]
