@@ -23,6 +23,7 @@ from tests.support import (
     Blackhole,
     Gunicorn,
     LiveServer,
+    ManualClock,
     Routed,
     add_route,
     base_config,
@@ -230,7 +231,8 @@ def route(
     """Start a gateway whose model `resilient` has one upstream per given fake mode.
 
     `route("503", "ark/ok", read_timeout=1, routing={"failure_threshold": 1})`: providers
-    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise.
+    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise. Its breakers run on a
+    `ManualClock`: a cooldown ends when the test moves `routed.clock` on.
     """
 
     def start(*modes: str, routing: dict[str, Any] | None = None, **options: Any) -> Routed:
@@ -239,8 +241,10 @@ def route(
         )
         config_data["routing"].update(routing or {})
         gateway = start_gateway()
+        clock = ManualClock()
+        gateway.app.extensions["keymeai"].router.clock = clock
         key = gateway.create_key()
-        return Routed(gateway.client(key, timeout=15), providers, key)
+        return Routed(gateway.client(key, timeout=15), providers, key, clock)
 
     return start
 

@@ -310,13 +310,28 @@ ROUTED_MODEL = "resilient"  # the model `add_route` tests give their fault-mode 
 FAST_TIMEOUTS = {"connect_timeout": 0.5, "read_timeout": 0.5}
 
 
-class Routed:
-    """A gateway started by the `route` fixture: an SDK client and the model's providers."""
+class ManualClock:
+    """The monotonic clock, which a test can move on: cooldowns end without waiting them out."""
 
-    def __init__(self, client: Any, providers: list[str], key: str) -> None:
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
+class Routed:
+    """A gateway started by the `route` fixture: an SDK client, the model's providers, and
+    the clock of its breakers (`clock.advance(s)` moves the cooldowns on)."""
+
+    def __init__(self, client: Any, providers: list[str], key: str, clock: ManualClock) -> None:
         self.client = client  # openai.OpenAI
         self.providers = providers
         self.key = key
+        self.clock = clock
 
 
 def timed_chat(client: Any, **extra: Any) -> tuple[Any, float]:
