@@ -234,11 +234,17 @@ class Gunicorn:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 30) -> int | None:
+        """The exit status; killed when it takes longer than `timeout` seconds."""
+        if self.process is None:
+            return None
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            return self.process.wait(10)
 
     def log(self) -> str:
         return self.log_path.read_text()

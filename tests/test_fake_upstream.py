@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -494,17 +495,30 @@ def test_switches_and_count(fake: FakeUpstream) -> None:
     assert fake.count() == 0 and fake.switches == {}
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as a terminal's Ctrl-C finds it. A shell that starts the tests
+    in the background (`pytest &` in a script) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_standalone_cli() -> None:
+    """`python tests/fake_upstream.py` prints its address, serves, and exits 0 on Ctrl-C."""
     script = Path(__file__).with_name("fake_upstream.py")
     cmd = [sys.executable, str(script), "--port", "0", "--api-key", KEY]
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            found = re.search(r"Fake upstream at (http://\S+) \(key sk-fake-", line)
-            assert found and "/dashscope/ok/compatible-mode/v1" in line
-            res = requests.get(found[1] + "/deepseek/ok/v1/models", headers=AUTH)
-            assert res.json()["object"] == "list"
-        finally:
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(5) == 0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
+    assert proc.stdout is not None
+    pool = ThreadPoolExecutor(1)  # a stuck readline ends when the process is killed
+    try:
+        line = pool.submit(proc.stdout.readline).result(timeout=20)
+        found = re.search(r"Fake upstream at (http://\S+) \(key sk-fake-", line)
+        assert found and "/dashscope/ok/compatible-mode/v1" in line
+        res = requests.get(found[1] + "/deepseek/ok/v1/models", headers=AUTH, timeout=5)
+        assert res.json()["object"] == "list"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+        pool.shutdown()
+        proc.stdout.close()
