@@ -194,6 +194,7 @@ class Gunicorn:
             **(env or {}),
         }
         self.args = args or []
+        self.worker_class = self.env.get("KEYMEAI_WORKER_CLASS", "gevent")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 20) -> Gunicorn:
@@ -235,6 +236,11 @@ class Gunicorn:
             return self.process.returncode if self.process else None
         self.process.send_signal(sig)
         return self.wait(timeout)
+
+    def send(self, sig: int) -> None:
+        """Send `sig` to the master, if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
 
     def wait(self, timeout: float = 30) -> int | None:
         """The exit status; killed when it takes longer than `timeout` seconds."""
