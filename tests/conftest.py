@@ -133,7 +133,8 @@ class Gateway:
         return keys.create_key(name, tier)[1]
 
     def client(self, key: str, **options: Any) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+        options = {"max_retries": 0, "timeout": 60, **options}  # the SDK's default wait: 600 s
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
 
 
 @pytest.fixture

@@ -270,7 +270,7 @@ def test_wrong_api_key_is_401_and_recorded(fake: FakeUpstream) -> None:
     sdk = openai.OpenAI(base_url=fake.base_url("deepseek"), api_key="sk-wrong-abcd", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         sdk.chat.completions.create(model="m", messages=MSGS)
-    res = requests.post(fake.base_url("deepseek") + "/chat/completions", json={})
+    res = requests.post(fake.base_url("deepseek") + "/chat/completions", json={}, timeout=10)
     assert res.status_code == 401
     assert fake.count() == 2
     assert fake.requests[0].headers["authorization"] == "Bearer sk-wrong-abcd"
@@ -278,7 +278,7 @@ def test_wrong_api_key_is_401_and_recorded(fake: FakeUpstream) -> None:
     assert fake.requests[0].response_usage is None
     bad_key = {"Authorization": "Bearer sk-wrong-abcd"}
     url = fake.base_url("deepseek") + "/chat/completions"
-    assert requests.post(url, json={}, headers=bad_key).json()["error"] == {
+    assert requests.post(url, json={}, headers=bad_key, timeout=10).json()["error"] == {
         "message": "Authentication Fails, Your api key: ****abcd is invalid",
         "type": "authentication_error",
         "param": None,
@@ -296,7 +296,7 @@ def test_wrong_api_key_is_401_and_recorded(fake: FakeUpstream) -> None:
 )
 def test_invalid_request_is_400(fake: FakeUpstream, body: bytes) -> None:
     url = fake.base_url("dashscope") + "/chat/completions"
-    res = requests.post(url, data=body, headers=AUTH)
+    res = requests.post(url, data=body, headers=AUTH, timeout=10)
     assert res.status_code == 400
     assert res.json()["error"]["type"] == "invalid_request_error"
     assert fake.requests[-1].raw_body == body
@@ -310,7 +310,7 @@ def test_bad_knobs_are_400(fake: FakeUpstream) -> None:
 def test_chunked_request_body(fake: FakeUpstream) -> None:
     data = json.dumps({"model": "m", "messages": MSGS}).encode()
     url = fake.base_url("dashscope") + "/chat/completions"
-    res = requests.post(url, data=iter([data[:10], data[10:]]), headers=AUTH)
+    res = requests.post(url, data=iter([data[:10], data[10:]]), headers=AUTH, timeout=10)
     assert res.json()["choices"][0]["message"]["content"] == "Echo: hello there"
     assert fake.requests[-1].headers["transfer-encoding"] == "chunked"
 
