@@ -321,6 +321,9 @@ def log_text(caplog: Any) -> str:
 
 ROUTED_MODEL = "resilient"  # the model `add_route` tests give their fault-mode upstreams
 FAST_TIMEOUTS = {"connect_timeout": 0.5, "read_timeout": 0.5}
+# A wait that FAST_TIMEOUTS (or no timeout at all) bounds ends well within this, even on a
+# busy machine; one they fail to bound lasts the client's 15 s (a hanging fake: 60 s).
+SOON = 6.0
 
 
 class ManualClock:
