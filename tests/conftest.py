@@ -180,17 +180,19 @@ def ledger(config_data: dict[str, Any]) -> None:
 def start_gunicorn(
     config_data: dict[str, Any], tmp_path: Path
 ) -> Iterator[Callable[..., Gunicorn]]:
-    """Start `gunicorn -c gunicorn.conf.py app:app` on the config; stopped after the test."""
+    """Start `gunicorn -c gunicorn.conf.py app:app` on the config; stopped after the test.
+    `wait=False` returns at once: call the server's `ready()` (to boot several together)."""
     started: list[Gunicorn] = []
 
     def start(
         data: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        wait: bool = True,
     ) -> Gunicorn:
         n = len(started)
         path = write_toml(data or config_data, tmp_path / f"gunicorn-{n}.toml")
-        server = Gunicorn(path, tmp_path / f"gunicorn-{n}.log", env, args).start()
+        server = Gunicorn(path, tmp_path / f"gunicorn-{n}.log", env, args).start(wait=wait)
         started.append(server)
         return server
 

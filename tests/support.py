@@ -198,7 +198,9 @@ class Gunicorn:
         self.worker_class = self.env.get("KEYMEAI_WORKER_CLASS", "gevent")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> Gunicorn:
+    def start(self, timeout: float = 20, wait: bool = True) -> Gunicorn:
+        """Launch gunicorn; with `wait`, return once it serves (else call `ready()`:
+        servers launched together boot together)."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -219,6 +221,11 @@ class Gunicorn:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        return self.ready(timeout) if wait else self
+
+    def ready(self, timeout: float = 20) -> Gunicorn:
+        """Return once /healthz answers 200; stopped and raised if it does not in time."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -255,7 +255,8 @@ def test_the_bound_holds_exactly_across_workers_and_instances(
 ) -> None:
     bounded["tiers"]["hobby"]["max_concurrent"] = 3
     env = {"WEB_CONCURRENCY": "2", "KEYMEAI_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "16"}
-    urls = [start_gunicorn(bounded, env).url, start_gunicorn(bounded).url]  # 4 processes
+    servers = [start_gunicorn(bounded, env, wait=False), start_gunicorn(bounded, wait=False)]
+    urls = [server.ready().url for server in servers]  # 4 processes
     key = keys.create_key("shared", "hobby")[1]
     attempts = 12
     start = Barrier(attempts)
@@ -294,8 +295,9 @@ def test_leases_are_renewed_and_a_killed_workers_slots_lapse(
     ledger: None,
     shared_redis: redis.Redis,
 ) -> None:
-    doomed = start_gunicorn(bounded, {"WEB_CONCURRENCY": "1"})
+    doomed = start_gunicorn(bounded, {"WEB_CONCURRENCY": "1"}, wait=False)
     survivor = start_gunicorn(bounded)
+    doomed.ready()
     key = keys.create_key("crash", "free")[1]
     with sdk(doomed.url, key, timeout=30) as there, sdk(survivor.url, key) as here:
         held = [hold(there), hold(there)]
