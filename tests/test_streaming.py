@@ -220,6 +220,9 @@ def test_concurrent_streams_are_each_metered_once(serve: Serve, upstream: FakeUp
     assert len(usage_records()) == count  # and nothing more turned up later
 
 
+# The gevent worker's case, with more checks (no new connections, the stream outlived the
+# signal): test_gunicorn.py::test_sigterm_lets_an_in_flight_stream_finish_and_record.
+@pytest.mark.parametrize("serve", ["gthread"], indirect=True)
 def test_sigterm_lets_a_stream_in_flight_finish(serve: Serve, upstream: FakeUpstream) -> None:
     served = serve()
     stream = served.client.chat.completions.create(
