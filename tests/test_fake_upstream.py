@@ -373,7 +373,7 @@ def test_hang_times_out(fake: FakeUpstream, stream: bool) -> None:
     start = time.monotonic()
     with pytest.raises(requests.Timeout):
         post(fake, mode="hang", timeout=0.5, stream=stream)
-    assert time.monotonic() - start < 2
+    assert time.monotonic() - start < 10  # the read timeout, not the 60 s hang
     assert post(fake).status_code == 200  # other requests are unaffected
 
 
@@ -405,8 +405,8 @@ def test_hang_does_not_block_stop() -> None:
         time.sleep(0.01)
     start = time.monotonic()
     fake.stop()
-    thread.join(2)
-    assert time.monotonic() - start < 1.5 and errors
+    thread.join(10)
+    assert time.monotonic() - start < 10 and errors  # not the 60 s hang
 
 
 def test_slow_spaces_chunks(fake: FakeUpstream) -> None:
