@@ -18,6 +18,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,6 +106,7 @@ class Attempt:
     breaker: Breaker
     request_id: str
     scrub: Scrubber
+    clock: Callable[[], float] = time.monotonic
     reported: bool = False
 
     def succeeded(self) -> None:
@@ -117,7 +119,7 @@ class Attempt:
         (the log filter could not recognise half a key)."""
         if not self.reported:
             self.reported = True
-            self.breaker.failed(time.monotonic())
+            self.breaker.failed(self.clock())
         log.log(
             level,
             "upstream %s/%s %s: %s",
@@ -151,9 +153,13 @@ class Opened:
 
 
 class Router:
-    """Sends chat requests to the upstreams of their model, in order."""
+    """Sends chat requests to the upstreams of their model, in order.
 
-    def __init__(self, config: Config) -> None:
+    `clock` (monotonic seconds) times the cooldowns: tests pass one they can move on.
+    """
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.providers = config.providers
         self.clients = {name: ProviderClient(p) for name, p in config.providers.items()}
         self.scrub = Scrubber.for_providers(config.providers.values())
@@ -196,7 +202,7 @@ class Router:
             raise not_configured(chat.model.id)
         tried = False
         for route in routes:
-            if route.breaker.allow(time.monotonic()):
+            if route.breaker.allow(self.clock()):
                 tried = True
                 if opened := self._try(route, chat, meter):
                     return opened
@@ -216,7 +222,7 @@ class Router:
         """The upstream's answer, or None when it cannot serve now (try the next)."""
         upstream = route.upstream
         meter.attempt(upstream)
-        attempt = Attempt(upstream, route.breaker, meter.request_id, self.scrub)
+        attempt = Attempt(upstream, route.breaker, meter.request_id, self.scrub, self.clock)
         started = time.monotonic()
         try:
             opened = self._attempt(route.provider, attempt, chat)
@@ -235,9 +241,8 @@ class Router:
             attempt.succeeded()
         return opened
 
-    @staticmethod
-    def _retry_after(routes: tuple[Route, ...]) -> int:
-        now = time.monotonic()
+    def _retry_after(self, routes: tuple[Route, ...]) -> int:
+        now = self.clock()
         waits = [route.breaker.open_until - now for route in routes]
         return max(1, min(30, math.ceil(min(waits))))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from tests.support import (
     Blackhole,
     Gunicorn,
     LiveServer,
+    ManualClock,
     Routed,
     add_route,
     base_config,
@@ -136,7 +138,8 @@ class Gateway:
         return keys.create_key(name, tier)[1]
 
     def client(self, key: str, **options: Any) -> OpenAI:
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0, **options)
+        options = {"max_retries": 0, "timeout": 60, **options}  # the SDK's default wait: 600 s
+        return OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
 
 
 @pytest.fixture
@@ -183,23 +186,31 @@ def ledger(config_data: dict[str, Any]) -> None:
 def start_gunicorn(
     config_data: dict[str, Any], tmp_path: Path
 ) -> Iterator[Callable[..., Gunicorn]]:
-    """Start `gunicorn -c gunicorn.conf.py app:app` on the config; stopped after the test."""
+    """Start `gunicorn -c gunicorn.conf.py app:app` on the config; stopped after the test.
+    `wait=False` returns at once: call the server's `ready()` (to boot several together)."""
     started: list[Gunicorn] = []
 
     def start(
         data: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         args: list[str] | None = None,
+        wait: bool = True,
     ) -> Gunicorn:
         n = len(started)
         path = write_toml(data or config_data, tmp_path / f"gunicorn-{n}.toml")
-        server = Gunicorn(path, tmp_path / f"gunicorn-{n}.log", env, args).start()
+        server = Gunicorn(path, tmp_path / f"gunicorn-{n}.log", env, args).start(wait=wait)
         started.append(server)
         return server
 
     yield start
+    # The test is over: all servers stopped at once. A gevent worker takes a second or two
+    # to stop gracefully (it looks once a second), so it gets gunicorn's quick shutdown;
+    # a gthread worker stops at once (and its quick shutdown may wait for the pool's
+    # threads). Graceful stops are tested where they matter, by the tests themselves.
     for server in started:
-        server.stop()
+        server.send(signal.SIGTERM if server.worker_class == "gthread" else signal.SIGQUIT)
+    for server in started:
+        server.wait()
 
 
 @pytest.fixture
@@ -236,7 +247,8 @@ def route(
     """Start a gateway whose model `resilient` has one upstream per given fake mode.
 
     `route("503", "ark/ok", read_timeout=1, routing={"failure_threshold": 1})`: providers
-    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise.
+    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise. Its breakers run on a
+    `ManualClock`: a cooldown ends when the test moves `routed.clock` on.
     """
 
     def start(*modes: str, routing: dict[str, Any] | None = None, **options: Any) -> Routed:
@@ -245,8 +257,10 @@ def route(
         )
         config_data["routing"].update(routing or {})
         gateway = start_gateway()
+        clock = ManualClock()
+        gateway.app.extensions["keymeai"].router.clock = clock
         key = gateway.create_key()
-        return Routed(gateway.client(key, timeout=15), providers, key)
+        return Routed(gateway.client(key, timeout=15), providers, key, clock)
 
     return start
 

@@ -9,7 +9,8 @@ URLs: ``/{shape}/{mode}/<anything>/chat/completions`` (POST) and ``.../models`` 
 ``sw-<name>``, which behaves as ``fake.switches.get(name, "ok")`` at request time.
 Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
 ``interval``, ``cached``, ``reasoning_words``, ``first_delay``, ``usage_early`` (a stream
-also reports its usage right after its first chunk, as for an answer billed up front).
+also reports its usage right after its first chunk, as for an answer billed up front),
+``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s).
 
 Standalone: ``python tests/fake_upstream.py --port 8900``.
 """
@@ -63,6 +64,7 @@ STREAM_MODES = frozenset(
 )
 HANG_SECONDS = 60.0
 SLOW_INTERVAL = 0.5
+HELD_LIMIT = 30.0  # seconds a `held` request waits for release()
 KEEPALIVE_INTERVAL = 0.2
 MAX_ECHO_WORDS = 60
 DEFAULT_REASONING = "Thinking about the question."
@@ -484,6 +486,8 @@ class _Handler(BaseHTTPRequestHandler):
             interval = float(knobs.get("interval", SLOW_INTERVAL if mode == "slow" else 0))
         except (TypeError, ValueError) as exc:  # a typo in a test's knobs
             return self._send_json(400, error_body(shape, 400, f"Bad 'fake': {exc}"))
+        if knobs.get("held"):
+            fake.released.wait(HELD_LIMIT)
         if body.get("stream") and mode in STREAM_MODES:
             opts = body.get("stream_options")
             asked = isinstance(opts, dict) and bool(opts.get("include_usage"))
@@ -586,6 +590,7 @@ class FakeUpstream:
         self.api_key = api_key
         self.requests: list[RecordedRequest] = []
         self.switches: dict[str, str] = {}
+        self.released = threading.Event()  # `held` requests answer once it is set
         self._lock = threading.Lock()
         self._server = _Server((host, port), self)  # bind now so url is known
         self._thread: threading.Thread | None = None
@@ -608,6 +613,7 @@ class FakeUpstream:
         if self._server.stopping.is_set():
             return
         self._server.stopping.set()
+        self.release()
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join(timeout=5)
@@ -628,11 +634,16 @@ class FakeUpstream:
         """The OpenAI base_url for a provider shape and mode."""
         return f"{self.url}/{shape}/{mode}/{BASE_PATHS[shape]}"
 
+    def release(self) -> None:
+        """Let the `held` requests (and any later ones, until reset) answer."""
+        self.released.set()
+
     def reset(self) -> None:
-        """Forget recorded requests (and so counts) and switches."""
+        """Forget recorded requests (and so counts) and switches; hold `held` requests."""
         with self._lock:
             self.requests.clear()
             self.switches.clear()
+            self.released.clear()
 
     def count(self, shape: str | None = None, mode: str | None = None) -> int:
         """How many requests reached the fake, filtered by shape and path mode."""

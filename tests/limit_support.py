@@ -28,7 +28,9 @@ HI = [{"role": "user", "content": "hi"}]  # the fake counts 4 prompt tokens; so 
 
 def sdk(base_url: str, key: str, **options: Any) -> OpenAI:
     """The openai SDK pointed at a gateway (no retries unless asked)."""
-    return OpenAI(base_url=f"{base_url}/v1", api_key=key, **{"max_retries": 0, **options})
+    return OpenAI(
+        base_url=f"{base_url}/v1", api_key=key, **{"max_retries": 0, "timeout": 60, **options}
+    )
 
 
 def ask(client: OpenAI, knobs: dict[str, Any] | None = None, **options: Any) -> Any:
@@ -126,7 +128,7 @@ class RedisServer:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGCONT)  # in case it was frozen
             self.process.kill()
-            self.process.wait()
+            self.process.wait(10)
 
     def freeze(self) -> None:
         """Stop the process: connections still open, nothing ever answers (a hung Redis)."""

@@ -51,15 +51,18 @@ def start_slow_body(
     return sock
 
 
-def trickle(sock: socket.socket, seconds: float, every: float = 0.2) -> None:
-    """Send one body byte every `every` seconds for `seconds` (or until the server closes)."""
+def trickle(*socks: socket.socket, seconds: float, every: float = 0.2) -> None:
+    """Send one body byte to each socket every `every` seconds for `seconds` (or until the
+    server closes it)."""
+    open_socks = list(socks)
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while open_socks and time.monotonic() < end:
         time.sleep(every)
-        try:
-            sock.sendall(b" ")
-        except OSError:
-            return
+        for sock in list(open_socks):
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                open_socks.remove(sock)
 
 
 def read_response(sock: socket.socket, timeout: float = 10.0) -> RawResponse:

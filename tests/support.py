@@ -172,8 +172,9 @@ class LiveServer:
         self.app = app
         self._server = make_server("127.0.0.1", 0, app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
+        # stop() waits for the serving loop to look: up to poll_interval, after every test.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
         )
 
     def start(self) -> LiveServer:
@@ -207,9 +208,12 @@ class Gunicorn:
             **(env or {}),
         }
         self.args = args or []
+        self.worker_class = self.env.get("KEYMEAI_WORKER_CLASS", "gevent")
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 20) -> Gunicorn:
+    def start(self, timeout: float = 20, wait: bool = True) -> Gunicorn:
+        """Launch gunicorn; with `wait`, return once it serves (else call `ready()`:
+        servers launched together boot together)."""
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -230,6 +234,11 @@ class Gunicorn:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        return self.ready(timeout) if wait else self
+
+    def ready(self, timeout: float = 20) -> Gunicorn:
+        """Return once /healthz answers 200; stopped and raised if it does not in time."""
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -247,11 +256,22 @@ class Gunicorn:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(sig)
+        return self.wait(timeout)
+
+    def send(self, sig: int) -> None:
+        """Send `sig` to the master, if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int | None:
+        """The exit status; killed when it takes longer than `timeout` seconds."""
+        if self.process is None:
+            return None
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            return self.process.wait()
+            return self.process.wait(10)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -321,15 +341,33 @@ def log_text(caplog: Any) -> str:
 
 ROUTED_MODEL = "resilient"  # the model `add_route` tests give their fault-mode upstreams
 FAST_TIMEOUTS = {"connect_timeout": 0.5, "read_timeout": 0.5}
+# A wait that FAST_TIMEOUTS (or no timeout at all) bounds ends well within this, even on a
+# busy machine; one they fail to bound lasts the client's 15 s (a hanging fake: 60 s).
+SOON = 6.0
+
+
+class ManualClock:
+    """The monotonic clock, which a test can move on: cooldowns end without waiting them out."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
 
 
 class Routed:
-    """A gateway started by the `route` fixture: an SDK client and the model's providers."""
+    """A gateway started by the `route` fixture: an SDK client, the model's providers, and
+    the clock of its breakers (`clock.advance(s)` moves the cooldowns on)."""
 
-    def __init__(self, client: Any, providers: list[str], key: str) -> None:
+    def __init__(self, client: Any, providers: list[str], key: str, clock: ManualClock) -> None:
         self.client = client  # openai.OpenAI
         self.providers = providers
         self.key = key
+        self.clock = clock
 
 
 def timed_chat(client: Any, **extra: Any) -> tuple[Any, float]:

@@ -160,7 +160,9 @@ def test_the_count_is_shared_by_instances_and_ends_with_its_window(
     start_gunicorn: Callable[..., Gunicorn], config_data: dict[str, Any], redis_url: str
 ) -> None:
     config_data["ratelimit"]["storage_uri"] = redis_url
-    first, second = start_gunicorn(env=ADMIN_ENV), start_gunicorn(env=ADMIN_ENV)
+    first = start_gunicorn(env=ADMIN_ENV, wait=False)
+    second = start_gunicorn(env=ADMIN_ENV)
+    first.ready()
     one, two = Client(first.url, "127.0.0.2"), Client(second.url, "127.0.0.2")
     answers = []
     for n in range(2):

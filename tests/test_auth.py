@@ -94,10 +94,12 @@ def test_sdk_gets_authentication_error_for_every_bad_key(
     ids=["none", "empty", "bearer-only", "other-header"],
 )
 def test_missing_key_is_401_with_openai_hint(gateway: Gateway, headers: dict[str, str]) -> None:
-    response = requests.post(f"{gateway.url}/v1/chat/completions", json=CHAT, headers=headers)
+    response = requests.post(
+        f"{gateway.url}/v1/chat/completions", json=CHAT, headers=headers, timeout=10
+    )
     error = assert_openai_error(response, 401, code="invalid_api_key", param=None)
     assert "Bearer" in error["message"]
-    response = requests.get(f"{gateway.url}/v1/models", headers=headers)
+    response = requests.get(f"{gateway.url}/v1/models", headers=headers, timeout=10)
     assert_openai_error(response, 401, code="invalid_api_key")
 
 
@@ -140,7 +142,7 @@ def test_auth_comes_before_limits(
         for bad in bad_keys().values():
             with pytest.raises(openai.AuthenticationError):
                 gateway.client(bad).chat.completions.create(**CHAT)
-        response = requests.post(f"{gateway.url}/v1/chat/completions", json=CHAT)
+        response = requests.post(f"{gateway.url}/v1/chat/completions", json=CHAT, timeout=10)
         assert_openai_error(response, 401, code="invalid_api_key")
     # The limited key itself, once revoked: 401 from then on, never 429 again.
     keys.revoke_key(row)
@@ -200,7 +202,9 @@ def test_secrets_stay_where_they_belong(
         send(model=f"m{mode}")
         send(model=f"m{mode}", stream=True)
     for path in ("/v1/models", "/v1/models/deepseek-chat", "/healthz", "/readyz", "/metrics"):
-        replies.append(requests.get(gateway.url + path, headers={"Authorization": f"Bearer {key}"}))
+        replies.append(
+            requests.get(gateway.url + path, headers={"Authorization": f"Bearer {key}"}, timeout=10)
+        )
     raw = client.chat.completions.with_raw_response.create(**CHAT)
     assert raw.parse().choices[0].message.content == "Echo: hi"
 

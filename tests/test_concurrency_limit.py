@@ -231,10 +231,13 @@ def test_the_dashboard_sets_and_clears_the_bound(
     assert keys.find_key(key).max_concurrent is None
 
 
+LEASE = 1.0  # seconds; renewed every third of it
+
+
 @pytest.fixture
 def shared_redis(bounded: dict[str, Any], redis_url: str) -> Iterator[redis.Redis]:
-    """The test's Redis database as the limits' storage, with 1.5 s concurrency leases."""
-    bounded["ratelimit"] = {"storage_uri": redis_url, "concurrency_lease_seconds": 1.5}
+    """The test's Redis database as the limits' storage, with 1 s concurrency leases."""
+    bounded["ratelimit"] = {"storage_uri": redis_url, "concurrency_lease_seconds": LEASE}
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
@@ -252,7 +255,8 @@ def test_the_bound_holds_exactly_across_workers_and_instances(
 ) -> None:
     bounded["tiers"]["hobby"]["max_concurrent"] = 3
     env = {"WEB_CONCURRENCY": "2", "KEYMEAI_WORKER_CLASS": "gthread", "GUNICORN_THREADS": "16"}
-    urls = [start_gunicorn(bounded, env).url, start_gunicorn(bounded).url]  # 4 processes
+    servers = [start_gunicorn(bounded, env, wait=False), start_gunicorn(bounded, wait=False)]
+    urls = [server.ready().url for server in servers]  # 4 processes
     key = keys.create_key("shared", "hobby")[1]
     attempts = 12
     start = Barrier(attempts)
@@ -291,12 +295,13 @@ def test_leases_are_renewed_and_a_killed_workers_slots_lapse(
     ledger: None,
     shared_redis: redis.Redis,
 ) -> None:
-    doomed = start_gunicorn(bounded, {"WEB_CONCURRENCY": "1"})
+    doomed = start_gunicorn(bounded, {"WEB_CONCURRENCY": "1"}, wait=False)
     survivor = start_gunicorn(bounded)
+    doomed.ready()
     key = keys.create_key("crash", "free")[1]
     with sdk(doomed.url, key, timeout=30) as there, sdk(survivor.url, key) as here:
         held = [hold(there), hold(there)]
-        time.sleep(4)  # over two leases of 1.5 s: renewed, still held
+        time.sleep(2.5 * LEASE)  # over two leases: renewed, still held
         assert "at most 2 at once" in refusal(here).message
 
         assert doomed.process is not None

@@ -100,7 +100,10 @@ def test_overview_is_filled_from_the_ledger(operator: Gateway, pages: Pages) -> 
     # A phone's width: everything fits, wide tables scroll inside their own box.
     phone = pages.open(width=390, height=844)
     sign_in(phone, operator)
-    assert phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    # Once laid out (the charts are drawn after load): a deadline, not one instant's look.
+    phone.wait_for_function(
+        "document.documentElement.scrollWidth <= window.innerWidth", timeout=5000
+    )
     screenshot(phone, "dashboard-overview-phone")
 
 

@@ -38,7 +38,8 @@ def sdk(server: Gunicorn, key: str, fresh_connections: bool = False) -> OpenAI:
     options: dict[str, Any] = {}
     if fresh_connections:
         options["http_client"] = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
-    return OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, **options)
+    options = {"max_retries": 0, "timeout": 60, **options}
+    return OpenAI(base_url=f"{server.url}/v1", api_key=key, **options)
 
 
 def worker_pids(server: Gunicorn, count: int, timeout: float = 20) -> list[int]:

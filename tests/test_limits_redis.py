@@ -62,8 +62,9 @@ def test_two_instances_share_one_exact_limit_and_quota(
 ) -> None:
     config_data["tiers"]["hobby"]["tokens_per_month"] = 2000
     env = {"RATELIMIT_STORAGE_URI": redis_url, "WEB_CONCURRENCY": "2", "GUNICORN_THREADS": "8"}
-    first = start_gunicorn(config_data, env)
+    first = start_gunicorn(config_data, env, wait=False)
     second = start_gunicorn(config_data, env)  # same ledger file, same Redis database
+    first.ready()
     urls = [first.url, second.url]
 
     free = keys.create_key("shared", "free")[1]

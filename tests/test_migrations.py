@@ -68,7 +68,10 @@ def test_four_concurrent_upgrades_apply_each_migration_once(
 ) -> None:
     env = cli_env(config_data, tmp_path)
     processes = [start_flask(env, "db", "upgrade") for _ in range(4)]
-    results = [(p.wait(60), *p.communicate()) for p in processes]
+    outputs_of = [p.communicate(timeout=60) for p in processes]
+    results = [
+        (p.returncode, out, err) for p, (out, err) in zip(processes, outputs_of, strict=True)
+    ]
     assert [code for code, _, _ in results] == [0, 0, 0, 0], [err for _, _, err in results]
     outputs = sorted(out.strip() for _, out, _ in results)
     assert outputs == [f"Applied {', '.join(ALL)}."] + ["Schema is up to date."] * 3

@@ -72,14 +72,24 @@ def test_signed_out_visitors_only_get_the_sign_in_form(operator: Gateway) -> Non
 def test_pages_answer_errors_in_html_and_the_api_in_json(operator: Gateway) -> None:
     session = signed_in(operator)
     url = operator.url
-    assert_html_error(session.get(f"{url}/dashboard/nothing-here"), 404, "Not Found")
-    assert_html_error(session.get(f"{url}/account/nothing-here"), 404, "Not Found")
-    assert_html_error(session.get(f"{url}/dashboard/keys/999"), 404, "no key with id 999")
-    assert_html_error(session.get(f"{url}/dashboard/?month=2026-13"), 400, "month must be YYYY-MM")
-    assert_html_error(session.get(f"{url}/dashboard/?models=price"), 400, "models must be one of")
-    assert_html_error(session.get(f"{url}/dashboard/usage.csv?key=x"), 400, "key must be a key id")
-    assert_html_error(session.get(f"{url}/dashboard/usage.csv?by=week"), 400, "by must be one of")
-    wrong_method = session.get(f"{url}/dashboard/keys/1/revoke")
+    assert_html_error(session.get(f"{url}/dashboard/nothing-here", timeout=10), 404, "Not Found")
+    assert_html_error(session.get(f"{url}/account/nothing-here", timeout=10), 404, "Not Found")
+    assert_html_error(
+        session.get(f"{url}/dashboard/keys/999", timeout=10), 404, "no key with id 999"
+    )
+    assert_html_error(
+        session.get(f"{url}/dashboard/?month=2026-13", timeout=10), 400, "month must be YYYY-MM"
+    )
+    assert_html_error(
+        session.get(f"{url}/dashboard/?models=price", timeout=10), 400, "models must be one of"
+    )
+    assert_html_error(
+        session.get(f"{url}/dashboard/usage.csv?key=x", timeout=10), 400, "key must be a key id"
+    )
+    assert_html_error(
+        session.get(f"{url}/dashboard/usage.csv?by=week", timeout=10), 400, "by must be one of"
+    )
+    wrong_method = session.get(f"{url}/dashboard/keys/1/revoke", timeout=10)
     assert_html_error(wrong_method, 405, "not allowed")
     assert "POST" in wrong_method.headers["Allow"]
     key_id = keys.find_key(operator.create_key("standard")).id

@@ -154,14 +154,17 @@ def test_max_completion_tokens_is_held(
 
 @pytest.mark.parametrize("tier", ["standard", "hobby"])
 def test_a_request_in_flight_holds_tokens_and_cost(
-    start_gateway: Callable[..., Gateway], hobby: dict[str, Any], tier: str
+    start_gateway: Callable[..., Gateway],
+    hobby: dict[str, Any],
+    tier: str,
+    upstream: FakeUpstream,
 ) -> None:
     """The reservation row while the upstream answers: tokens and worst-case cost, also
     for a key with a spend cap and no token quota; GET /v1/usage shows them in flight."""
     gateway = start_gateway(hobby)
     key = keys.create_key("held", tier, spend_cap_units=parse_usd("1"))[1]
     client = gateway.client(key)
-    knobs = {"words": 5, "first_delay": 3}
+    knobs = {"words": 5, "held": True}  # upstream until the checks are done
     call = threading.Thread(target=ask, args=(client, knobs), kwargs={"max_completion_tokens": 150})
     call.start()
     try:
@@ -175,7 +178,9 @@ def test_a_request_in_flight_holds_tokens_and_cost(
         spend = standing["limits"]["spend"]
         assert spend["in_flight"] == format_usd(price_of(4, 150))
         assert spend["remaining"] == format_usd(parse_usd("1") - price_of(4, 150))
+        assert call.is_alive()  # all of it seen while the request was upstream
     finally:
+        upstream.release()
         call.join(10)
     assert reservations() == 0
     assert usage_records()[-1].cost_units == price_of(4, 5)

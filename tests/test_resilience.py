@@ -22,6 +22,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,
     ROUTED_MODEL,
+    SOON,
     Blackhole,
     Routed,
     add_provider,
@@ -71,7 +72,7 @@ def test_refusing_upstream_gives_503(
     assert isinstance(error, openai.InternalServerError)
     assert error.status_code == 503 and error.code == "upstream_unavailable"
     assert 1 <= int(error.response.headers["Retry-After"]) <= 30
-    assert elapsed < 2  # an answer, not a timeout: no waiting
+    assert elapsed < SOON  # an answer, not a timeout: no waiting
     assert upstream.count() == 1
     [record] = usage_records()
     assert record.provider == routed.providers[0]
@@ -98,7 +99,7 @@ def test_hanging_upstream_holds_the_client_only_for_read_timeout(
     routed = route(mode)
     error, elapsed = chat(routed.client)
     assert isinstance(error, openai.InternalServerError) and error.status_code == 503
-    assert 0.45 <= elapsed < 2.5
+    assert 0.45 <= elapsed < SOON
     [record] = usage_records()
     assert_unbilled(record, 503, "unavailable")
     assert "ReadTimeout" in log_text(gateway_logs)
@@ -125,7 +126,7 @@ def test_unreachable_upstream_costs_only_connect_timeout(
     gateway = start_gateway()
     completion, elapsed = chat(gateway.client(gateway.create_key(), timeout=15))
     assert completion.choices[0].message.content == "Echo: hello there"
-    assert 0.45 <= elapsed < 2  # read_timeout is 10 s there: connect_timeout bounded it
+    assert 0.45 <= elapsed < SOON  # read_timeout is 10 s there: connect_timeout bounded it
     [record] = usage_records()
     assert (record.provider, record.attempts, record.outcome) == (providers[0], 2, "ok")
 
@@ -159,7 +160,7 @@ def test_client_error_goes_back_as_400_without_failover(
     assert isinstance(error, openai.BadRequestError)
     assert error.status_code == 400 and error.type == "invalid_request_error"
     assert message in error.body["message"]
-    assert upstream.count(mode="ok") == 0 and elapsed < 2
+    assert upstream.count(mode="ok") == 0 and elapsed < SOON
     [record] = usage_records()
     assert record.provider == routed.providers[0]
     assert_unbilled(record, 400, "rejected")
@@ -178,7 +179,7 @@ def test_malformed_answer_is_500_upstream_model_error(
     assert isinstance(error, openai.InternalServerError)
     assert error.status_code == 500 and error.code == "upstream_model_error"
     assert "upstream model" in error.body["message"]
-    assert upstream.count(mode="ok") == 0 and elapsed < 2
+    assert upstream.count(mode="ok") == 0 and elapsed < SOON
     [record] = usage_records()
     assert_unbilled(record, 500, "upstream_error")
     request_id = error.response.headers["x-request-id"]
@@ -210,7 +211,7 @@ def test_failover_serves_from_the_next_upstream_billed_once(
     routed = route(mode, "dashscope/ok")
     completion, elapsed = chat(routed.client)
     assert completion.choices[0].message.content == "Echo: hello there"
-    assert elapsed < (2.5 if mode in HANGS else 1.5)
+    assert elapsed < SOON
     served = upstream.requests[-1]
     assert served.shape == "dashscope" and upstream.count() == 2
     [record] = usage_records()
@@ -243,7 +244,7 @@ def test_no_upstream_can_serve_gives_503_naming_no_provider(
     error, elapsed = chat(routed.client)
     assert isinstance(error, openai.InternalServerError) and error.status_code == 503
     assert "Retry-After" in error.response.headers
-    assert 0.45 <= elapsed < 2.5 and upstream.count() == 3
+    assert 0.45 <= elapsed < SOON and upstream.count() == 3
     message = error.body["message"]
     assert MODEL in message and not any(p in message for p in routed.providers)
     [record] = usage_records()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import signal
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -89,24 +88,25 @@ def assert_metered_as_reported(record: UsageRecord, sent: RecordedRequest) -> No
 
 
 def test_chunks_flow_one_by_one(serve: Serve, upstream: FakeUpstream) -> None:
+    """Each word reaches the client while the upstream is still sending the next ones
+    (0.3 s apart): the upstream's progress is read as each word arrives."""
     served = serve()
-    began = time.monotonic()
-    arrivals, text = [], ""
+    progress, text = [], ""
     for chunk in served.client.chat.completions.create(
         model="qwen-max",
         messages=[{"role": "user", "content": "ignored"}],
         stream=True,
-        extra_body={"fake": {"words": 6, "interval": 0.4}},
+        extra_body={"fake": {"words": 6, "interval": 0.3}},
     ):
         if chunk.choices and chunk.choices[0].delta.content:
-            arrivals.append(time.monotonic())
+            sent = upstream.requests[0]
+            progress.append((sent.chunks_sent, sent.completed))
             text += chunk.choices[0].delta.content
-    ended = time.monotonic()
     assert text == "w1 w2 w3 w4 w5 w6"
-    # The upstream's pace (0.4 s), not bursts of buffered chunks; generous for busy machines.
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
-    assert len(gaps) == 5 and min(gaps) >= 0.2 and statistics.median(gaps) >= 0.3, gaps
-    assert arrivals[0] - began < (ended - began) - 1.5  # first words long before the end
+    assert not progress[0][1], "the first word came after the upstream's whole answer"
+    # Not bursts of buffered chunks: the words came at (nearly) as many points of the
+    # upstream's progress (a busy machine may make the client miss one or two).
+    assert len({sent for sent, _ in progress}) >= 4, progress
     assert_metered_as_reported(wait_for_records(1)[0], upstream.requests[0])
 
 
@@ -187,9 +187,9 @@ def test_idle_stream_gets_ping_comments(
         assert len(pings) >= 3, lines
         assert lines[-1][1] == b"data: [DONE]"
         assert not any(line.startswith(b":") and line != b": ping" for _, line in lines)
-    # Between two slow DashScope chunks (0.6 s apart) the client is never long in silence.
-    times = [t for t, _ in slow_lines]
-    assert max(b - a for a, b in itertools.pairwise(times)) < 0.5
+    # Between two slow DashScope chunks (0.6 s apart) the client always gets a ping.
+    kinds = [line.startswith(b"data:") for _, line in slow_lines]
+    assert not any(a and b for a, b in itertools.pairwise(kinds)), slow_lines
     assert len(wait_for_records(3)) == 3
 
 
@@ -220,6 +220,9 @@ def test_concurrent_streams_are_each_metered_once(serve: Serve, upstream: FakeUp
     assert len(usage_records()) == count  # and nothing more turned up later
 
 
+# The gevent worker's case, with more checks (no new connections, the stream outlived the
+# signal): test_gunicorn.py::test_sigterm_lets_an_in_flight_stream_finish_and_record.
+@pytest.mark.parametrize("serve", ["gthread"], indirect=True)
 def test_sigterm_lets_a_stream_in_flight_finish(serve: Serve, upstream: FakeUpstream) -> None:
     served = serve()
     stream = served.client.chat.completions.create(

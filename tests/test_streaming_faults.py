@@ -23,6 +23,7 @@ from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,
     ROUTED_MODEL,
+    SOON,
     Routed,
     add_route,
     assert_no_secrets,
@@ -85,7 +86,7 @@ def test_stream_fails_over_before_its_first_event(
     routed = route(mode, "dashscope/ok")
     got = stream(routed.client)
     assert got.error is None and got.text == "Echo: hello there"
-    assert got.elapsed < (2.5 if mode == "hang" else 1.5)
+    assert got.elapsed < SOON
     served = upstream.requests[-1]
     assert served.shape == "dashscope" and upstream.count() == 2
     [record] = usage_records()
@@ -115,7 +116,7 @@ def test_stream_nobody_can_serve_is_503_before_any_byte(
     got = stream(route("503", "hang").client)
     assert isinstance(got.error, openai.InternalServerError)
     assert got.error.status_code == 503 and got.arrivals == []
-    assert 0.45 <= got.elapsed < 2.5
+    assert 0.45 <= got.elapsed < SOON
     [record] = usage_records()
     assert (record.outcome, record.attempts, record.cost_units) == ("unavailable", 2, 0)
 
@@ -178,7 +179,7 @@ def test_upstream_hanging_after_its_first_event_is_cut_at_read_timeout(
     routed = route("ark/hang-after-headers", "ok")
     got = stream(routed.client)
     assert got.text == "" and len(got.arrivals) == 1  # the role chunk, then silence
-    assert 0.45 <= got.elapsed < 2.5
+    assert 0.45 <= got.elapsed < SOON
     assert upstream.count(mode="ok") == 0
     [record] = usage_records()
     assert_cut_short(got, record, completion_tokens=0)
@@ -304,7 +305,7 @@ def test_gunicorn_upstream_dying_or_stalling_mid_stream(
     died = stream(client, model="dies", extra_body={"fake": {"words": 8}})
     assert died.text == "w1 w2 " and died.elapsed < 1.5
     stalled = stream(client, model="stalls")
-    assert stalled.text == "" and 0.45 <= stalled.elapsed < 2.5
+    assert stalled.text == "" and 0.45 <= stalled.elapsed < SOON
     died_record, stalled_record = wait_for_records(2)
     assert_cut_short(died, died_record, completion_tokens=2)
     assert_cut_short(stalled, stalled_record, completion_tokens=0)
@@ -323,10 +324,10 @@ def test_gunicorn_hanging_upstream_fails_over_within_read_timeout(
     started = time.monotonic()
     completion = client.chat.completions.create(model=ROUTED_MODEL, messages=MESSAGES)
     assert completion.choices[0].message.content == "Echo: hello there"
-    assert 0.45 <= time.monotonic() - started < 2.5
+    assert 0.45 <= time.monotonic() - started < SOON
     got = stream(client)
     assert got.error is None and got.text == "Echo: hello there"
-    assert 0.45 <= got.elapsed < 2.5
+    assert 0.45 <= got.elapsed < SOON
     records = wait_for_records(2)
     assert [(r.stream, r.attempts, r.outcome, r.estimated) for r in records] == [
         (False, 2, "ok", False),

@@ -47,7 +47,8 @@ def instances(
     config_data["gateway"]["key_cache_seconds"] = 2  # as in the shipped config.toml
     config_data["tiers"]["tiny"] = {"requests": ["10 per hour"]}
     env = {"WEB_CONCURRENCY": "2"}
-    return start_gunicorn(env=env), start_gunicorn(env=env)
+    first, second = start_gunicorn(env=env, wait=False), start_gunicorn(env=env, wait=False)
+    return first.ready(), second.ready()
 
 
 def post_chat(url: str, key: str, request_id: str, stream: bool = False) -> int:

@@ -14,6 +14,7 @@ import requests
 from keymeai import keys
 from keymeai.billing import format_usd
 from tests.conftest import Gateway
+from tests.fake_upstream import FakeUpstream
 from tests.limit_support import ask, cli, reservations, wait_until
 from tests.support import usage_records
 
@@ -88,20 +89,22 @@ def test_reading_standing_is_not_rate_limited_and_costs_nothing(gateway: Gateway
 
 
 def test_hobby_key_tokens_and_requests_in_flight(
-    start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any], upstream: FakeUpstream
 ) -> None:
     config_data["tiers"]["hobby"]["tokens_per_month"] = 2000
     gateway = start_gateway(config_data)
     key = gateway.create_key("hobby")
     client = gateway.client(key)
     ask(client, {"words": 46}, max_tokens=100)  # 4 + 46 = 50 tokens
-    slow = threading.Thread(
-        target=ask, args=(client, {"first_delay": 1.0}), kwargs={"max_tokens": 300}
-    )
+    slow = threading.Thread(target=ask, args=(client, {"held": True}), kwargs={"max_tokens": 300})
     slow.start()
-    assert wait_until(lambda: reservations() == 1)
-    tokens = standing(client)["limits"]["tokens"]
-    slow.join()
+    try:
+        assert wait_until(lambda: reservations() == 1)
+        tokens = standing(client)["limits"]["tokens"]
+        assert slow.is_alive()  # seen while the request was upstream
+    finally:
+        upstream.release()
+        slow.join(10)
     assert tokens["limit"] == 2000
     assert tokens["used"] == 50
     assert tokens["in_flight"] == 4 + 300
