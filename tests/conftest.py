@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import create_app, db, keys, logs
+from keymeai import create_app, db, journal, keys, logs
 from keymeai.config import Config, parse_config
 from tests import services
 from tests.checks import SMALL_BODY_LIMIT, Api
@@ -85,7 +85,10 @@ def database_url(database_backend: str, tmp_path: Path) -> Iterator[str]:
 
 
 def _close_pool() -> None:
-    """Close this process's ledger connections so nothing holds the test's database."""
+    """Drain every journal this test opened into its ledger (a writer left running would
+    apply its lines to the next test's ledger: `db` is one global proxy), then close this
+    process's ledger connections so nothing holds the test's database."""
+    journal.close_all()
     if db.db.obj is not None:
         db.db.obj.close_all()
 

@@ -22,6 +22,7 @@ from typing import Any
 import requests
 import tomli_w
 from werkzeug.serving import make_server
+from werkzeug.wsgi import ClosingIterator
 
 from keymeai.db import connection
 from keymeai.journal import catch_up
@@ -165,12 +166,44 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+class InFlight:
+    """WSGI middleware counting the requests still being served (a stream until its
+    body is closed), so that a test's server can wait for them before the next test's
+    ledger takes the global database: a request that ended late would otherwise write
+    its record into the next test's ledger."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.count = 0
+        self.idle = threading.Condition()
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        with self.idle:
+            self.count += 1
+        try:
+            body = self.app(environ, start_response)
+        except BaseException:
+            self.done()
+            raise
+        return ClosingIterator(body, [self.done])
+
+    def done(self) -> None:
+        with self.idle:
+            self.count -= 1
+            self.idle.notify_all()
+
+    def wait(self, timeout: float) -> bool:
+        with self.idle:
+            return self.idle.wait_for(lambda: self.count == 0, timeout)
+
+
 class LiveServer:
     """The app under Werkzeug's threaded server, in a background thread."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
-        self._server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.in_flight = InFlight(app)
+        self._server = make_server("127.0.0.1", 0, self.in_flight, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}"
         # stop() waits for the serving loop to look: up to poll_interval, after every test.
         self._thread = threading.Thread(
@@ -181,9 +214,10 @@ class LiveServer:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10) -> None:
         self._server.shutdown()
         self._server.server_close()
+        self.in_flight.wait(timeout)
 
 
 class Gunicorn:
