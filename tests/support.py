@@ -214,7 +214,7 @@ class LiveServer:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 10) -> None:
+    def stop(self, timeout: float = 1) -> None:
         self._server.shutdown()
         self._server.server_close()
         self.in_flight.wait(timeout)
