@@ -170,7 +170,9 @@ class InFlight:
     """WSGI middleware counting the requests still being served (a stream until its
     body is closed), so that a test's server can wait for them before the next test's
     ledger takes the global database: a request that ended late would otherwise write
-    its record into the next test's ledger."""
+    its record into the next test's ledger (seen: 102 records for 100 requests, and 4
+    for 1). A few error streams are never counted out under Werkzeug's server (not
+    understood yet), so the wait is bounded."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -214,7 +216,7 @@ class LiveServer:
         self._thread.start()
         return self
 
-    def stop(self, timeout: float = 1) -> None:
+    def stop(self, timeout: float = 10) -> None:
         self._server.shutdown()
         self._server.server_close()
         self.in_flight.wait(timeout)
@@ -274,9 +276,17 @@ class Gunicorn:
         """Return once /healthz answers 200; stopped and raised if it does not in time."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
+        moves = 2  # another process may take the free port before gunicorn binds it
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"gunicorn exited: {self.log_path.read_text()[-3000:]}")
+                log = self.log_path.read_text()
+                if moves and f"Connection in use: ('0.0.0.0', {self.port})" in log:
+                    moves -= 1
+                    self._move(free_port())
+                    self.start(wait=False)
+                    deadline = time.monotonic() + timeout
+                    continue
+                raise RuntimeError(f"gunicorn exited: {log[-3000:]}")
             try:
                 if requests.get(f"{self.url}/healthz", timeout=1).status_code == 200:
                     return self
@@ -285,6 +295,11 @@ class Gunicorn:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"gunicorn did not start: {self.log_path.read_text()[-3000:]}")
+
+    def _move(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env["PORT"] = str(port)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
         if self.process is None or self.process.poll() is not None:
