@@ -125,7 +125,7 @@ def on_starting(server):
 def when_ready(server):
     """Warn once per start about what the configuration leaves unservable (the flask
     commands, which build the app too, stay quiet about it: `flask --app app info`)."""
-    from keymeai.config import setup_warnings
+    from keymeai.diagnostics import setup_warnings
 
     for warning in setup_warnings(_config):
         server.log.warning("keymeai: %s", warning)

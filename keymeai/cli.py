@@ -13,7 +13,8 @@ from flask.cli import AppGroup
 from . import db, gateway, keys, reports
 from .billing import format_usd, parse_usd
 from .concurrency import MAX_CONCURRENT
-from .config import ConfigError, validate_limits, without_password
+from .config import ConfigError, validate_limits
+from .diagnostics import without_password
 from .ledger import ApiKey, utcnow
 
 keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")

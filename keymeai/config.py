@@ -2,7 +2,8 @@
 
 Everything the gateway needs at run time is parsed here into frozen dataclasses, so a
 mistake in the file stops start-up with a message naming the bad key, instead of
-surfacing later as a 500 on some request.
+surfacing later as a 500 on some request. The strict reading of each TOML table is
+`tables.Section`'s; what the operator is told about the result is `diagnostics`'.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from limits import parse_many
 
+from .tables import ConfigError, Section
 from .tokens import IMAGE_TOKENS
 
 MAX_IMAGE_TOKENS = 1_000_000  # far above any model's; keeps reservations within BIGINT
@@ -27,10 +29,6 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
 # Model ids appear in URLs, reports and comma-separated allow-lists.
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the offending key."""
 
 
 @dataclass(frozen=True)
@@ -127,64 +125,6 @@ class Config:
     source: str = "<mapping>"
 
 
-class _Section:
-    """A TOML table being read: tracks its dotted path and rejects unknown keys."""
-
-    def __init__(self, data: Any, path: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a table")
-        self.data = dict(data)
-        self.path = path
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def take(self, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-        if name not in self.data:
-            if default is ...:
-                raise ConfigError(f"{self.key(name)}: missing (required)")
-            return default
-        value = self.data.pop(name)
-        if isinstance(value, bool) and bool not in _as_tuple(kind):
-            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}")
-        if not isinstance(value, kind):
-            raise ConfigError(f"{self.key(name)}: expected {_kind_name(kind)}")
-        return value
-
-    def number(self, name: str, default: float, minimum: float = 0) -> float:
-        value = float(self.take(name, (int, float), default))
-        if value <= minimum:
-            raise ConfigError(f"{self.key(name)}: must be greater than {minimum:g}")
-        return value
-
-    def integer(self, name: str, default: int, minimum: int = 1) -> int:
-        value: int = self.take(name, int, default)
-        if value < minimum:
-            raise ConfigError(f"{self.key(name)}: must be at least {minimum}")
-        return value
-
-    def optional_integer(self, name: str, minimum: int = 1) -> int | None:
-        return self.integer(name, 0, minimum) if name in self.data else None
-
-    def section(self, name: str) -> _Section:
-        return _Section(self.take(name, dict, {}), self.key(name))
-
-    def done(self) -> None:
-        if self.data:
-            unknown = ", ".join(self.key(k) for k in sorted(self.data))
-            raise ConfigError(f"{unknown}: unknown key")
-
-
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", dict: "a table"}
-    names.update({list: "an array", bool: "true or false"})
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
-
-
 def load_config(
     path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -208,7 +148,7 @@ def parse_config(
     data: Mapping[str, Any], environ: Mapping[str, str], source: str = "<mapping>"
 ) -> Config:
     """Validate a parsed TOML document and build the typed Config."""
-    root = _Section(data, "")
+    root = Section(data, "")
 
     gw = root.section("gateway")
     gateway = GatewaySettings(
@@ -310,7 +250,7 @@ def validate_limits(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_tiers(section: _Section) -> dict[str, Tier]:
+def _parse_tiers(section: Section) -> dict[str, Tier]:
     tiers = {}
     for name in list(section.data):
         tier = section.section(name)
@@ -326,7 +266,7 @@ def _parse_tiers(section: _Section) -> dict[str, Tier]:
     return tiers
 
 
-def _parse_providers(section: _Section, environ: Mapping[str, str]) -> dict[str, Provider]:
+def _parse_providers(section: Section, environ: Mapping[str, str]) -> dict[str, Provider]:
     providers = {}
     for name in list(section.data):
         p = section.section(name)
@@ -350,7 +290,7 @@ def _parse_providers(section: _Section, environ: Mapping[str, str]) -> dict[str,
     return providers
 
 
-def _parse_models(section: _Section, providers: Mapping[str, Provider]) -> dict[str, Model]:
+def _parse_models(section: Section, providers: Mapping[str, Provider]) -> dict[str, Model]:
     models = {}
     for model_id in list(section.data):
         if not MODEL_ID.fullmatch(model_id):
@@ -364,7 +304,7 @@ def _parse_models(section: _Section, providers: Mapping[str, Provider]) -> dict[
             raise ConfigError(f"{m.key('upstreams')}: at least one upstream is required")
         upstreams = []
         for i, raw in enumerate(upstream_list):
-            u = _Section(raw, f"{m.key('upstreams')}[{i}]")
+            u = Section(raw, f"{m.key('upstreams')}[{i}]")
             provider = u.take("provider", str)
             if provider not in providers:
                 known = ", ".join(sorted(providers)) or "none"
@@ -387,7 +327,7 @@ def _parse_models(section: _Section, providers: Mapping[str, Provider]) -> dict[
     return models
 
 
-def _parse_price(p: _Section) -> Price:
+def _parse_price(p: Section) -> Price:
     def amount(name: str, default: Decimal | None = None) -> Decimal:
         raw = p.take(name, (int, float), default if default is not None else ...)
         value = Decimal(str(raw))
@@ -406,28 +346,3 @@ def _parse_price(p: _Section) -> Price:
     )
     p.done()
     return price
-
-
-def setup_warnings(config: Config) -> list[str]:
-    """What the server should warn about once at start: providers without an API key,
-    and the models that leaves without any (they answer 503 model_not_configured)."""
-    warnings = [
-        f"provider {p.name} has no API key: {p.api_key_env} is not set"
-        for p in config.providers.values()
-        if not p.api_key
-    ]
-    warnings += [
-        f"model {m.id} cannot be served: none of its providers has an API key"
-        for m in config.models.values()
-        if not any(config.providers[u.provider].api_key for u in m.upstreams)
-    ]
-    return warnings
-
-
-def without_password(url: str) -> str:
-    """A database or Redis URL fit to print: its password replaced by ***."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}"
-    return urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))

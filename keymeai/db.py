@@ -26,7 +26,8 @@ from peewee import Database, DatabaseProxy, OperationalError, PostgresqlDatabase
 from playhouse.db_url import connect
 from playhouse.migrations import Runner
 
-from .config import ConfigError, without_password
+from .config import ConfigError
+from .diagnostics import without_password
 
 log = logging.getLogger(__name__)
 
