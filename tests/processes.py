@@ -41,3 +41,15 @@ def start_flask(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def run_together(
+    env: dict[str, str], commands: list[list[str]], timeout: float = 120
+) -> list[subprocess.CompletedProcess[str]]:
+    """Start the commands at once; wait (bounded) for them all; their results in order."""
+    processes = [start_flask(env, *command) for command in commands]
+    results = []
+    for command, process in zip(commands, processes, strict=True):
+        stdout, stderr = process.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
+    return results

@@ -15,7 +15,6 @@ import os
 import re
 import sqlite3
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -30,7 +29,8 @@ from keymeai import keys, metering, reports
 from keymeai.ledger import utcnow
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.support import PROVIDER_ENV, ROOT, add_model, add_provider, usage_records, write_toml
+from tests.processes import run_together
+from tests.support import PROVIDER_ENV, add_model, add_provider, usage_records, write_toml
 
 KEY_LINE = re.compile(r"km-[A-Za-z0-9_-]{32,}")
 PLAIN_COST = re.compile(r"\d+\.\d{10}")
@@ -56,22 +56,7 @@ def cli(config_data: dict[str, Any], tmp_path: Path) -> Cli:
         for name in ("DATABASE_URL", "REDIS_URL", "RATELIMIT_STORAGE_URI"):
             if name not in (env or {}):
                 environ.pop(name, None)
-        processes = [
-            subprocess.Popen(
-                [sys.executable, "-m", "flask", "--app", "app", *command],
-                cwd=ROOT,
-                env=environ,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for command in commands
-        ]
-        results = []
-        for command, process in zip(commands, processes, strict=True):
-            stdout, stderr = process.communicate(timeout=60)
-            results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
-        return results
+        return run_together(environ, list(commands), timeout=60)
 
     return run
 

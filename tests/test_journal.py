@@ -90,16 +90,21 @@ def assert_answered(record: UsageRecord, words: int, stream: bool) -> None:
     assert record.provider == "deepseek" and record.cost_units > 0
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
+@pytest.fixture(params=["gthread", "gevent"])
+def worker_class(request: pytest.FixtureRequest, database_backend: str) -> str:
+    """The gunicorn worker class; not gevent on SQLite: a gevent worker waiting for the
+    SQLite lock this test holds cannot answer (see the top)."""
+    if request.param == "gevent" and database_backend == "sqlite":
+        pytest.skip("a gevent worker waiting for SQLite's lock cannot answer (see the top)")
+    return str(request.param)
+
+
 def test_sigkill_loses_no_answered_request_and_records_those_in_flight(
     start_gunicorn: Callable[..., Gunicorn],
     config_data: dict[str, Any],
     ledger: None,
-    database_backend: str,
     worker_class: str,
 ) -> None:
-    if worker_class == "gevent" and database_backend == "sqlite":
-        pytest.skip("a gevent worker waiting for SQLite's lock cannot answer (see the top)")
     config_data["tiers"]["hobby"]["tokens_per_month"] = 1_000_000
     hobby = create_key("in flight", "hobby")[1]
     standard = create_key("answered", "standard")[1]
@@ -149,16 +154,12 @@ def test_sigkill_loses_no_answered_request_and_records_those_in_flight(
     ]
 
 
-@pytest.mark.parametrize("worker_class", ["gthread", "gevent"])
 def test_sigterm_drains_the_journal_into_the_ledger(
     start_gunicorn: Callable[..., Gunicorn],
     config_data: dict[str, Any],
     ledger: None,
-    database_backend: str,
     worker_class: str,
 ) -> None:
-    if worker_class == "gevent" and database_backend == "sqlite":
-        pytest.skip("a gevent worker waiting for SQLite's lock cannot answer (see the top)")
     key = create_key("drained", "standard")[1]
     server = start_gunicorn(config_data, env={**GTHREAD, "KEYMEAI_WORKER_CLASS": worker_class})
     assert server.process is not None

@@ -21,7 +21,7 @@ from keymeai import keys
 from keymeai.ledger import utcnow
 from tests.billing_support import Admin, admin_gateway
 from tests.conftest import Gateway
-from tests.processes import cli_env, start_flask
+from tests.processes import cli_env, run_together
 
 # Run one at a time, these commands take seconds each: they are started together.
 Run = Callable[[list[list[str | bytes]]], list[subprocess.CompletedProcess[str]]]
@@ -56,13 +56,7 @@ def run(config_data: dict[str, Any], tmp_path: Path) -> Run:
     """Start the commands at once on the test's ledger; wait (bounded) for them all."""
 
     def run_all(commands: list[list[str | bytes]]) -> list[subprocess.CompletedProcess[str]]:
-        env = cli_env(config_data, tmp_path)
-        processes = [start_flask(env, *command) for command in commands]  # type: ignore[arg-type]
-        results = []
-        for command, process in zip(commands, processes, strict=True):
-            stdout, stderr = process.communicate(timeout=120)
-            results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
-        return results
+        return run_together(cli_env(config_data, tmp_path), commands)  # type: ignore[arg-type]
 
     return run_all
 
