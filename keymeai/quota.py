@@ -25,6 +25,7 @@ from .billing import MAX_UNITS, Usage, cost_units, format_usd, month_bounds
 from .config import QuotaSettings, Tier
 from .db import connection, is_sqlite, write_transaction
 from .errors import ApiError
+from .journal import catch_up
 from .keys import KeyInfo
 from .ledger import ApiKey, QuotaReservation, UsageDaily, utcnow
 from .limits import format_duration
@@ -182,11 +183,27 @@ def reserve(
 
     Returns the reservation's id (None when the key has neither a token quota nor a
     spend cap) and the token quota's state for the response headers.
+
+    The ledger may still hold the reservation of a request that was just answered, its
+    record waiting in a journal (keymeai.journal): a refusal is only final once the
+    journals are applied, or a client that asks again at once would be refused for a
+    request it no longer has in flight.
     """
     limit = token_quota(key, tier)
     if limit is None and key.spend_cap_units is None:
         return None, None
     hold = hold_for(chat, settings)
+    try:
+        return _admit(key, limit, hold, settings)
+    except ApiError:
+        catch_up()
+        return _admit(key, limit, hold, settings)
+
+
+def _admit(
+    key: KeyInfo, limit: int | None, hold: Hold, settings: QuotaSettings
+) -> tuple[int, QuotaState | None]:
+    """One admission check and, when it passes, the reservation, in one transaction."""
     now = utcnow()
     _, resets_at = month_bounds(now)
     with connection(), write_transaction():
