@@ -17,6 +17,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import concurrency, gateway, limits, quota
 from .auth import authenticate
 from .config import Model
+from .dialect import ChatCompletions
 from .errors import ApiError, model_not_found
 from .keys import KeyInfo
 from .metering import Meter
@@ -91,7 +92,7 @@ def chat_completions() -> Response:
     meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)
-        return relay(opened, chat, meter, gw.config.gateway)
+        return relay(opened, ChatCompletions(chat), meter, gw.config.gateway)
     except UpstreamModelError:
         meter.finish(500, "upstream_error")
         raise

@@ -2,8 +2,8 @@
 
 One path for both kinds of answer: every completion body or stream chunk goes through
 the meter (usage, text for estimates), and the meter is finished exactly once however
-the relay ends. Stream chunks are passed on as the upstream sent them, one write each,
-re-serialised only when the usage the client did not ask for must be taken out.
+the relay ends. What the client is sent, one write per event, is the dialect's
+(keymeai.dialect): chat completions' chunks pass as the upstream sent them.
 """
 
 from __future__ import annotations
@@ -24,16 +24,13 @@ from flask import Response, request
 
 from . import metrics
 from .config import GatewaySettings
-from .errors import ApiError
+from .dialect import Dialect
 from .metering import Meter
 from .sse import EventReader, UpstreamEnded, UpstreamFailed
 from .stalls import STALLS
 from .upstream import Opened, UpstreamModelError
-from .validation import ChatRequest
 
-PING = b": ping\n\n"
 IDLE_TICK = 0.5  # how often an idle stream looks for a client that hung up
-DONE = b"data: [DONE]\n\n"
 DONE_GRACE = 1.0  # seconds an upstream gets to end its response after [DONE]
 # After a client left, the upstream is read on while it keeps sending (no gap over
 # SETTLE_GAP) for at most SETTLE_SECONDS, for the usage it bills: the rest of a 2,000-word
@@ -53,18 +50,12 @@ CUT_WRITE_GRACE = 1.0  # once streams are cut, a write stalled this long is drop
 STREAM_SEND_BUFFER = 128 * 1024
 
 
-def _error_event(message: str, code: str) -> bytes:
-    """An SSE `error` event in OpenAI's error shape, which the openai SDK raises as an
-    APIError."""
-    body = ApiError(500, message, type="server_error", code=code).body()
-    return b"event: error\ndata: " + json.dumps(body).encode() + b"\n\n"
-
-
-STREAM_FAILED = _error_event(
+# How a stream cut short ends, in words and code (the dialect frames them).
+STREAM_FAILED = (
     "The upstream model stopped responding before the answer was complete.",
     "upstream_stream_failed",
 )
-STREAM_INTERRUPTED = _error_event(
+STREAM_INTERRUPTED = (
     "The gateway is restarting and had to end this answer early. Please retry.",
     "server_shutting_down",
 )
@@ -129,8 +120,8 @@ def client_hung_up(sock: Any) -> bool:
         return True
 
 
-def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySettings) -> Response:
-    """The client's response: the checked completion, or the stream of chunks."""
+def relay(opened: Opened, dialect: Dialect, meter: Meter, settings: GatewaySettings) -> Response:
+    """The client's response, in its dialect: the checked completion, or the stream."""
     client = client_socket()
     if client is not None:
         with contextlib.suppress(OSError):
@@ -139,11 +130,12 @@ def relay(opened: Opened, chat: ChatRequest, meter: Meter, settings: GatewaySett
         assert opened.completion is not None
         meter.observe(opened.completion)
         meter.finish(200, "ok")
-        answer = AnswerWrite(opened.raw_body, client, meter.request_id, settings)
+        body = dialect.answer(opened.completion, opened.raw_body)
+        answer = AnswerWrite(body, client, meter.request_id, settings)
         response = Response(answer, mimetype="application/json")
-        response.headers["Content-Length"] = str(len(opened.raw_body))
+        response.headers["Content-Length"] = str(len(body))
         return response
-    stream = ChunkRelay(opened, chat, meter, settings, client)
+    stream = ChunkRelay(opened, dialect, meter, settings, client)
     try:
         first = stream.frame(opened.first_event)
     except _BrokenChunk as exc:
@@ -209,7 +201,7 @@ class ChunkRelay:
     def __init__(
         self,
         opened: Opened,
-        chat: ChatRequest,
+        dialect: Dialect,
         meter: Meter,
         settings: GatewaySettings,
         client: Any,
@@ -217,7 +209,7 @@ class ChunkRelay:
         assert opened.events is not None
         self.events: EventReader = opened.events
         self.attempt = opened.attempt
-        self.chat = chat
+        self.dialect = dialect
         self.meter = meter
         self.keepalive = settings.stream_keepalive_seconds
         # A chunk the client does not accept within this ends the stream (keymeai.stalls).
@@ -238,10 +230,10 @@ class ChunkRelay:
     def frame(self, event: bytes | None) -> bytes | None:
         """The bytes to send for one upstream event (None: nothing to send)."""
         if event is None:
-            return PING  # the upstream's own keep-alive comment
+            return self.dialect.ping()  # the upstream's own keep-alive comment
         if event.strip() == b"[DONE]":
             self.saw_done = True
-            return DONE
+            return None  # the dialect's end is written once the stream is metered
         try:
             chunk: Any = json.loads(event)
         except ValueError:
@@ -249,12 +241,7 @@ class ChunkRelay:
         choices = self.observe(chunk)
         if any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
             self.saw_finish = True
-        if chunk.get("usage") is not None and not self.chat.include_usage:
-            if not choices:
-                return None  # a usage-only chunk the client did not ask for
-            del chunk["usage"]
-            event = json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode()
-        return b"data: " + event + b"\n\n"
+        return self.dialect.event(chunk, event)
 
     def observe(self, chunk: Any) -> list[Any]:
         """Meter one parsed chunk; its choices."""
@@ -315,19 +302,19 @@ class ChunkRelay:
             if isinstance(end, _Cut):
                 self.settle(0)
                 self.finish("interrupted")
-                yield from self._write(STREAM_INTERRUPTED)
+                yield from self._write(self.dialect.failed(*STREAM_INTERRUPTED))
                 return
             if self.saw_done:
                 self.events.wait_end(DONE_GRACE)  # so its connection goes back to the pool
             if self.saw_done or (self.saw_finish and isinstance(end, UpstreamEnded)):
-                self.finish("ok")  # [DONE] is added if the upstream left it out
+                self.finish("ok")  # the end is written even if the upstream left out [DONE]
                 self.attempt.succeeded()
-                yield from self._write(DONE)
+                yield from self._write(self.dialect.done())
             else:
                 reason = end.reason if isinstance(end, UpstreamFailed) else "ended unfinished"
                 self.finish("upstream_failed")
                 self.attempt.failed("failed mid-stream", reason)
-                yield from self._write(STREAM_FAILED)
+                yield from self._write(self.dialect.failed(*STREAM_FAILED))
         finally:
             metrics.STREAMS.dec()
             self.close()
@@ -353,7 +340,7 @@ class ChunkRelay:
             if self.idle < self.keepalive:
                 return None, None
             self.idle = 0.0
-            return PING, None  # keeps proxies from closing an idle stream
+            return self.dialect.ping(), None  # keeps proxies from closing an idle stream
         self.idle = 0.0
         if isinstance(event, UpstreamEnded | UpstreamFailed):
             return None, event
