@@ -17,14 +17,14 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from . import concurrency, gateway, limits, quota
 from .auth import authenticate
 from .config import Model
-from .dialect import ChatCompletions
+from .dialect import ChatCompletions, Dialect
 from .errors import ApiError, model_not_found
 from .keys import KeyInfo
 from .metering import Meter
 from .relay import relay
 from .unconfigured import refuse_unconfigured_model
 from .upstream import UpstreamModelError
-from .validation import parse_chat_request, parse_json_body
+from .validation import ChatRequest, parse_chat_request, parse_json_body
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -74,10 +74,19 @@ def use_key(key: KeyInfo) -> None:
 @concurrency.holding_slot
 def chat_completions() -> Response:
     gw = gateway.current()
-    key = g.api_key
     raw = read_body(gw.config.gateway.max_request_bytes)
     body = parse_json_body(raw, request.content_type)
     chat = parse_chat_request(body, gw.config.models, gw.config.quota.image_tokens)
+    return serve(chat, ChatCompletions(chat))
+
+
+def serve(chat: ChatRequest, dialect: Dialect) -> Response:
+    """Answer a validated chat request in the client's dialect: the key's model
+    allow-list → token quota → route to an upstream → relay → meter. Every API that
+    translates to chat completions (keymeai.dialect) ends here, inside its view's
+    concurrency slot."""
+    gw = gateway.current()
+    key = g.api_key
     if key.allowed_models is not None and chat.model.id not in key.allowed_models:
         raise ApiError(
             403,
@@ -92,7 +101,7 @@ def chat_completions() -> Response:
     meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)
-        return relay(opened, ChatCompletions(chat), meter, gw.config.gateway)
+        return relay(opened, dialect, meter, gw.config.gateway)
     except UpstreamModelError:
         meter.finish(500, "upstream_error")
         raise
