@@ -104,7 +104,8 @@ class UsageDaily(BaseModel):
 
 class QuotaReservation(BaseModel):
     """Tokens and cost a request in flight may still use, held against its key's token
-    quota and spend cap."""
+    quota and spend cap. Released by id, so an id is never given twice (AUTOINCREMENT on
+    SQLite, migration 0005): a release applied again must not free a later hold."""
 
     key = ForeignKeyField(ApiKey, on_delete="CASCADE")
     tokens = BigIntegerField()

@@ -186,3 +186,17 @@ def test_old_records_without_record_id_stay_valid(metered: Callable[[], Meter]) 
     records = usage_records()
     assert [r.record_id is None for r in records] == [False, True, True, False]
     assert len({r.record_id for r in records}) == 3
+
+
+def test_a_release_applied_again_never_frees_a_later_hold(
+    metered: Callable[[], Meter], writes: list[tuple[Any, Any]]
+) -> None:
+    """A journal line may be applied twice (a reader catching up behind the writer), so
+    a reservation's id must never be handed to a later one: SQLite reuses the highest
+    rowid once its row is gone, and the second release would free a request in flight."""
+    metered().finish(200, "ok")
+    [(fields, released)] = writes
+    later = metered().reservation_id
+    assert later != released
+    metering.write_usage(fields, released)  # the same line, applied once more
+    assert [r.id for r in reservations()] == [later]

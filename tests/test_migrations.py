@@ -12,7 +12,7 @@ from peewee import Database
 from playhouse.migrations import Runner
 
 from keymeai import db
-from keymeai.ledger import ApiKey, UsageDaily
+from keymeai.ledger import ApiKey, QuotaReservation, UsageDaily
 from tests.processes import cli_env, flask_cli, start_flask
 
 pytestmark = pytest.mark.both_databases
@@ -22,6 +22,7 @@ ALL = [
     "0002_usage_daily_day_index",
     "0003_drop_usage_record_key_index",
     "0004_hardening",
+    "0005_reservation_ids_never_reused",
 ]
 
 
@@ -97,6 +98,11 @@ def test_upgrade_evolves_a_ledger_created_at_0001_and_keeps_its_data(
         key = ApiKey.create(name="old", prefix="km-old00000", key_hash="0" * 64, tier="standard")
         today = dt.datetime.now(dt.UTC).date()
         UsageDaily.create(key=key.id, day=today, model="deepseek-chat", requests=3, total_tokens=30)
+        database.execute_sql(
+            "INSERT INTO quota_reservation (id, key_id, tokens, expires_at) "
+            f"VALUES (7, {key.id}, 70, {database.param})",
+            (dt.datetime(2030, 1, 1),),
+        )
     assert "usage_daily_day" not in index_names(database, "usage_daily")
     assert "usage_record_key_id" in index_names(database, "usage_record")
 
@@ -108,6 +114,9 @@ def test_upgrade_evolves_a_ledger_created_at_0001_and_keeps_its_data(
     assert "usage_daily_day" in index_names(db.db.obj, "usage_daily")
     assert "usage_record_key_id" not in index_names(db.db.obj, "usage_record")
     assert "usage_record_key_id_created_at" in index_names(db.db.obj, "usage_record")
+    with db.connection():  # the hold in flight survives the table's rebuild (SQLite)
+        [hold] = QuotaReservation.select()
+        assert (hold.id, hold.tokens, hold.cost_units) == (7, 70, 0)
 
     report = flask_cli(env, "usage", "report", "--format", "json")
     assert report.returncode == 0, report.stderr
