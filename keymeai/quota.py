@@ -126,11 +126,21 @@ def token_quota(key: KeyInfo, tier: Tier) -> int | None:
     return key.tokens_per_month if key.tokens_per_month is not None else tier.tokens_per_month
 
 
-def _refuse(message: str, now: dt.datetime, resets_at: dt.datetime, **headers: str) -> ApiError:
+class Refusal(ApiError):
+    """429 insufficient_quota, for the token quota or the spend cap (`limit`)."""
+
+    def __init__(self, limit: str, message: str, **options: Any) -> None:
+        super().__init__(429, message, **options)
+        self.limit = limit
+
+
+def _refuse(
+    limit: str, message: str, now: dt.datetime, resets_at: dt.datetime, **headers: str
+) -> Refusal:
     """429 insufficient_quota: nothing changes before the month ends, so the openai SDK
     is told not to retry."""
-    return ApiError(
-        429,
+    return Refusal(
+        limit,
         f"{message} It resets on {resets_at:%Y-%m-%d} 00:00 UTC.",
         type="insufficient_quota",
         code="insufficient_quota",
@@ -149,8 +159,8 @@ def _check_tokens(
         return None
     state = QuotaState(limit, usage.total_tokens, usage.reserved_tokens, resets_at)
     if usage.total_tokens + usage.reserved_tokens >= limit:
-        metrics.REJECTIONS.labels("tokens").inc()
         raise _refuse(
+            "tokens",
             f"You exceeded your monthly token quota of {limit} tokens "
             f"({usage.total_tokens} used, {usage.reserved_tokens} held by requests "
             "in progress).",
@@ -165,10 +175,10 @@ def _check_spend(key: KeyInfo, usage: MonthUsage, now: dt.datetime, resets_at: d
     cap = key.spend_cap_units
     if cap is None or usage.cost_units + usage.reserved_cost_units < cap:
         return
-    metrics.REJECTIONS.labels("spend").inc()
     held = usage.reserved_cost_units
     in_progress = f", ${format_usd(held)} held by requests in progress" if held else ""
     raise _refuse(
+        "spend",
         f"This key reached its monthly spend cap of ${format_usd(cap)} "
         f"(${format_usd(usage.cost_units)} spent this month{in_progress}).",
         now,
@@ -195,9 +205,13 @@ def reserve(
     hold = hold_for(chat, settings)
     try:
         return _admit(key, limit, hold, settings)
-    except ApiError:
+    except Refusal:
         catch_up()
+    try:
         return _admit(key, limit, hold, settings)
+    except Refusal as refusal:
+        metrics.REJECTIONS.labels(refusal.limit).inc()
+        raise
 
 
 def _admit(
