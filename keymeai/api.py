@@ -76,7 +76,7 @@ def chat_completions() -> Response:
     gw = gateway.current()
     raw = read_body(gw.config.gateway.max_request_bytes)
     body = parse_json_body(raw, request.content_type)
-    chat = parse_chat_request(body, gw.config.models, gw.config.quota.image_tokens)
+    chat = parse_chat_request(body, gw.config.model_names, gw.config.quota.image_tokens)
     return serve(chat, ChatCompletions(chat))
 
 
@@ -127,21 +127,22 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
-def model_object(model: Model) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+def model_object(name: str, model: Model) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": model.created, "owned_by": model.owned_by}
 
 
 def visible_models() -> dict[str, Model]:
-    """The models the current key may use: all of them, or its allow-list."""
-    models = gateway.current().config.models
+    """The names (ids, then aliases, each an entry as LiteLLM lists them) of the models
+    the current key may use: all of them, or those on its allow-list."""
+    names = gateway.current().config.model_names
     allowed = g.api_key.allowed_models
-    return dict(models) if allowed is None else {m: models[m] for m in models if m in allowed}
+    return dict(names) if allowed is None else {n: m for n, m in names.items() if m.id in allowed}
 
 
 @bp.get("/models")
 def list_models() -> Response:
-    models = visible_models().values()
-    return jsonify({"object": "list", "data": [model_object(m) for m in models]})
+    models = visible_models().items()
+    return jsonify({"object": "list", "data": [model_object(n, m) for n, m in models]})
 
 
 @bp.get("/models/<path:model_id>")
@@ -149,4 +150,4 @@ def get_model(model_id: str) -> Response:
     model = visible_models().get(model_id)
     if model is None:
         raise model_not_found(model_id)
-    return jsonify(model_object(model))
+    return jsonify(model_object(model_id, model))
