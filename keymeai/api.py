@@ -18,6 +18,7 @@ from . import concurrency, gateway, limits, quota
 from .auth import authenticate
 from .config import Model
 from .dialect import ChatCompletions, Dialect
+from .embeddings import Embeddings, parse_embedding_request
 from .errors import ApiError, model_not_found
 from .keys import KeyInfo
 from .metering import Meter
@@ -80,11 +81,21 @@ def chat_completions() -> Response:
     return serve(chat, ChatCompletions(chat))
 
 
+@bp.post("/embeddings")  # limited like chat completions: `init_app`
+@concurrency.holding_slot
+def embeddings() -> Response:
+    gw = gateway.current()
+    raw = read_body(gw.config.gateway.max_request_bytes)
+    body = parse_json_body(raw, request.content_type)
+    request_ = parse_embedding_request(body, gw.config.model_names)
+    return serve(request_, Embeddings(request_))
+
+
 def serve(chat: ChatRequest, dialect: Dialect) -> Response:
     """Answer a validated chat request in the client's dialect: the key's model
     allow-list → token quota → route to an upstream → relay → meter. Every API that
-    translates to chat completions (keymeai.dialect) ends here, inside its view's
-    concurrency slot."""
+    translates to chat completions (keymeai.dialect), and embeddings, end here, inside
+    their view's concurrency slot."""
     gw = gateway.current()
     key = g.api_key
     if key.allowed_models is not None and chat.model.id not in key.allowed_models:
