@@ -228,3 +228,20 @@ def test_an_embedding_price_has_input_only(config_data: dict[str, Any]) -> None:
 def test_cost_matches_the_billing(gw: Gateway) -> None:
     model = gw.app.extensions["keymeai"].config.models["text-embedding-v4"]
     assert cost_units(model.price, Usage(prompt=3)) == 3 * 720
+
+
+def test_chat_and_embeddings_share_the_keys_request_limit(
+    start_gateway: Any, config_data: dict[str, Any], upstream: FakeUpstream
+) -> None:
+    add_embedding_models(config_data)
+    config_data["tiers"]["tiny"] = {"requests": ["2 per minute"]}
+    gw = start_gateway(config_data)
+    client = gw.client(gw.create_key("tiny"))
+    client.chat.completions.create(
+        model="deepseek-chat", messages=[{"role": "user", "content": "hi"}]
+    )
+    client.embeddings.create(model="text-embedding-v4", input="hi")
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.embeddings.create(model="text-embedding-v4", input="hi")
+    assert caught.value.code == "rate_limit_exceeded"
+    assert upstream.count() == 2
