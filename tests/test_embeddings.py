@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import struct
+import time
 from typing import Any
 
 import openai
@@ -245,3 +246,50 @@ def test_chat_and_embeddings_share_the_keys_request_limit(
         client.embeddings.create(model="text-embedding-v4", input="hi")
     assert caught.value.code == "rate_limit_exceeded"
     assert upstream.count() == 2
+
+
+def test_an_embedding_takes_a_concurrency_slot(
+    start_gateway: Any, config_data: dict[str, Any], upstream: FakeUpstream
+) -> None:
+    add_embedding_models(config_data)
+    config_data["tiers"]["single"] = {"requests": ["100 per minute"], "max_concurrent": 1}
+    gw = start_gateway(config_data)
+    client = gw.client(gw.create_key("single"))
+    stream = client.chat.completions.create(
+        model="deepseek-chat",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        extra_body={"fake": {"words": 40, "interval": 0.5}},
+    )
+    next(iter(stream))  # admitted, and held open
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.embeddings.create(model="text-embedding-v4", input="hi")
+    assert "Too many concurrent requests" in caught.value.message
+    stream.close()
+    deadline = time.monotonic() + 10
+    while True:  # the slot frees once the gateway notices the hang-up
+        try:
+            client.embeddings.create(model="text-embedding-v4", input="hi")
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert [r.path.endswith("/embeddings") for r in upstream.requests] == [False, True]
+
+
+def test_an_answer_without_data_is_a_500_and_recorded(
+    start_gateway: Any, config_data: dict[str, Any], upstream: FakeUpstream
+) -> None:
+    add_provider(config_data, "odd", f"{upstream.url}/dashscope/wrongshape/compatible-mode/v1")
+    config_data["models"]["embed-odd"] = {
+        "kind": "embedding",
+        "upstreams": [{"provider": "odd", "model": "text-embedding-v4"}],
+        "price": {"input": 0.072},
+    }
+    gw = start_gateway(config_data)
+    with pytest.raises(openai.InternalServerError) as caught:
+        gw.client(gw.create_key()).embeddings.create(model="embed-odd", input="hi")
+    assert caught.value.code == "upstream_model_error"
+    record = usage_records()[-1]
+    assert (record.model, record.status, record.outcome) == ("embed-odd", 500, "upstream_error")
+    assert record.cost_units == 0
