@@ -181,7 +181,7 @@ class Meter:
             write_usage(fields, self.reservation_id)
         metrics.request_finished(self.chat.model.id, status, outcome, usage)
         log.info(
-            "chat completion",
+            "embeddings" if self.chat.model.kind == "embedding" else "chat completion",
             extra={
                 "request_id": self.request_id,
                 "record_id": self.record_id if fields is not None else None,
