@@ -18,6 +18,7 @@ from . import concurrency, gateway, limits, quota
 from .auth import authenticate
 from .config import Model
 from .dialect import ChatCompletions, Dialect
+from .embeddings import Embeddings, parse_embedding_request
 from .errors import ApiError, model_not_found
 from .keys import KeyInfo
 from .metering import Meter
@@ -76,15 +77,25 @@ def chat_completions() -> Response:
     gw = gateway.current()
     raw = read_body(gw.config.gateway.max_request_bytes)
     body = parse_json_body(raw, request.content_type)
-    chat = parse_chat_request(body, gw.config.models, gw.config.quota.image_tokens)
+    chat = parse_chat_request(body, gw.config.model_names, gw.config.quota.image_tokens)
     return serve(chat, ChatCompletions(chat))
+
+
+@bp.post("/embeddings")  # limited like chat completions: `init_app`
+@concurrency.holding_slot
+def embeddings() -> Response:
+    gw = gateway.current()
+    raw = read_body(gw.config.gateway.max_request_bytes)
+    body = parse_json_body(raw, request.content_type)
+    request_ = parse_embedding_request(body, gw.config.model_names)
+    return serve(request_, Embeddings(request_))
 
 
 def serve(chat: ChatRequest, dialect: Dialect) -> Response:
     """Answer a validated chat request in the client's dialect: the key's model
     allow-list → token quota → route to an upstream → relay → meter. Every API that
-    translates to chat completions (keymeai.dialect) ends here, inside its view's
-    concurrency slot."""
+    translates to chat completions (keymeai.dialect), and embeddings, end here, inside
+    their view's concurrency slot."""
     gw = gateway.current()
     key = g.api_key
     if key.allowed_models is not None and chat.model.id not in key.allowed_models:
@@ -127,21 +138,22 @@ def read_body(limit: int) -> bytes:
     return raw
 
 
-def model_object(model: Model) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+def model_object(name: str, model: Model) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": model.created, "owned_by": model.owned_by}
 
 
 def visible_models() -> dict[str, Model]:
-    """The models the current key may use: all of them, or its allow-list."""
-    models = gateway.current().config.models
+    """The names (ids, then aliases, each an entry as LiteLLM lists them) of the models
+    the current key may use: all of them, or those on its allow-list."""
+    names = gateway.current().config.model_names
     allowed = g.api_key.allowed_models
-    return dict(models) if allowed is None else {m: models[m] for m in models if m in allowed}
+    return dict(names) if allowed is None else {n: m for n, m in names.items() if m.id in allowed}
 
 
 @bp.get("/models")
 def list_models() -> Response:
-    models = visible_models().values()
-    return jsonify({"object": "list", "data": [model_object(m) for m in models]})
+    models = visible_models().items()
+    return jsonify({"object": "list", "data": [model_object(n, m) for n, m in models]})
 
 
 @bp.get("/models/<path:model_id>")
@@ -149,4 +161,4 @@ def get_model(model_id: str) -> Response:
     model = visible_models().get(model_id)
     if model is None:
         raise model_not_found(model_id)
-    return jsonify(model_object(model))
+    return jsonify(model_object(model_id, model))

@@ -8,6 +8,7 @@ surfacing later as a 500 on some request. The strict reading of each TOML table 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tomllib
@@ -29,6 +30,8 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 PRICE_DECIMALS = 4  # prices are stored as integers of 1e-10 USD per token
 # Model ids appear in URLs, reports and comma-separated allow-lists.
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
+# What a model does: chat completions, or embeddings (whose price is `input` only).
+KINDS = ("chat", "embedding")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class Model:
     created: int
     upstreams: tuple[Upstream, ...]
     price: Price
+    kind: str = "chat"
+    aliases: tuple[str, ...] = ()  # other ids that reach this model
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,18 @@ class Config:
     admin_token: str | None = field(repr=False, default=None)
     metering: MeteringSettings = MeteringSettings()
     source: str = "<mapping>"
+
+    @functools.cached_property
+    def model_names(self) -> Mapping[str, Model]:
+        """Every name a request may give a model: its id and its aliases."""
+        return model_names(self.models)
+
+
+def model_names(models: Mapping[str, Model]) -> dict[str, Model]:
+    """Ids and aliases to their models (`_parse_models` checked that none collide)."""
+    names = dict(models)
+    names.update((alias, m) for m in models.values() for alias in m.aliases)
+    return names
 
 
 def load_config(
@@ -292,12 +309,9 @@ def _parse_providers(section: Section, environ: Mapping[str, str]) -> dict[str, 
 
 def _parse_models(section: Section, providers: Mapping[str, Provider]) -> dict[str, Model]:
     models = {}
+    owners: dict[str, str] = {model_id: model_id for model_id in section.data}
     for model_id in list(section.data):
-        if not MODEL_ID.fullmatch(model_id):
-            raise ConfigError(
-                f"models.{model_id}: a model id is letters, digits and . _ : / - "
-                "(at most 128 characters)"
-            )
+        _check_model_id(model_id, f"models.{model_id}")
         m = section.section(model_id)
         upstream_list = m.take("upstreams", list)
         if not upstream_list:
@@ -313,13 +327,19 @@ def _parse_models(section: Section, providers: Mapping[str, Provider]) -> dict[s
                 )
             upstreams.append(Upstream(provider=provider, model=u.take("model", str)))
             u.done()
+        kind = m.take("kind", str, "chat")
+        if kind not in KINDS:
+            raise ConfigError(f'{m.key("kind")}: must be "chat" or "embedding" (got {kind!r})')
+        aliases = _parse_aliases(m, model_id, owners)
         price = m.section("price")
         models[model_id] = Model(
             id=model_id,
             owned_by=m.take("owned_by", str, "keymeai"),
             created=m.integer("created", 0, minimum=0),
             upstreams=tuple(upstreams),
-            price=_parse_price(price),
+            price=_parse_price(price, kind),
+            kind=kind,
+            aliases=aliases,
         )
         m.done()
     if not models:
@@ -327,7 +347,36 @@ def _parse_models(section: Section, providers: Mapping[str, Provider]) -> dict[s
     return models
 
 
-def _parse_price(p: Section) -> Price:
+def _check_model_id(name: str, key: str) -> None:
+    if not MODEL_ID.fullmatch(name):
+        raise ConfigError(
+            f"{key}: a model id is letters, digits and . _ : / - (at most 128 characters)"
+        )
+
+
+def _parse_aliases(m: Section, model_id: str, owners: dict[str, str]) -> tuple[str, ...]:
+    """The model's other names; each must be free (no other model's id or alias), since
+    a name must reach exactly one model. `owners` collects the names taken so far."""
+    raw = m.take("aliases", list, [])
+    key = m.key("aliases")
+    aliases = []
+    for i, alias in enumerate(raw):
+        if not isinstance(alias, str):
+            raise ConfigError(f"{key}[{i}]: expected a string")
+        _check_model_id(alias, f"{key}[{i}]")
+        owner = owners.get(alias)
+        if owner is not None:
+            what = "the id" if alias == owner else "an alias"
+            raise ConfigError(
+                f"{key}[{i}]: {alias!r} is already {what} of the model {owner!r}; "
+                "a name must reach exactly one model"
+            )
+        owners[alias] = model_id
+        aliases.append(alias)
+    return tuple(aliases)
+
+
+def _parse_price(p: Section, kind: str = "chat") -> Price:
     def amount(name: str, default: Decimal | None = None) -> Decimal:
         raw = p.take(name, (int, float), default if default is not None else ...)
         value = Decimal(str(raw))
@@ -339,6 +388,15 @@ def _parse_price(p: Section) -> Price:
         return value
 
     input_price = amount("input")
+    if kind == "embedding":
+        extra = sorted(set(p.data) - {"input"})
+        if extra:
+            raise ConfigError(
+                f"{p.key(extra[0])}: an embedding model's price has `input` only "
+                "(embeddings bill prompt tokens alone)"
+            )
+        p.done()
+        return Price(input=input_price, cached_input=input_price, output=Decimal(0))
     price = Price(
         input=input_price,
         cached_input=amount("cached_input", input_price),

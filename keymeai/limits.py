@@ -182,11 +182,14 @@ def create(config: Config) -> Limiter:
 
 
 def per_key(limiter: Limiter) -> RouteLimit:
-    """The current key's request limits, for the API blueprint's POSTs (chat completions;
-    `GET /v1/models` and `GET /v1/usage` cost nothing). As a blueprint's limit it is
-    counted by Flask-Limiter's hook, under the same storage key a decorator on the chat
-    route would use: the key's identity, then the endpoint."""
-    return limiter.limit(request_limits, key_func=limit_key, methods=["POST"])
+    """The current key's request limits, for the API blueprint's POSTs (chat completions,
+    embeddings; `GET /v1/models` and `GET /v1/usage` cost nothing). As a blueprint's limit
+    it is counted by Flask-Limiter's hook. It is shared, under one storage key for every
+    POST (the key's identity, then the chat route's name, as before there were others):
+    a per-endpoint count would let a key spend its limit once per endpoint."""
+    return limiter.shared_limit(
+        request_limits, scope=CHAT_ENDPOINT, key_func=limit_key, methods=["POST"]
+    )
 
 
 def init_app(app: Flask, limiter: Limiter) -> None:
@@ -225,7 +228,7 @@ def init_app(app: Flask, limiter: Limiter) -> None:
 
     @app.after_request
     def rate_limit_headers(response: Response) -> Response:
-        if request.endpoint != CHAT_ENDPOINT:
+        if request.blueprint != "api" or request.method != "POST":
             return response
         current = limiter.current_limit
         if current is not None:

@@ -55,6 +55,8 @@ def parse_usage(raw: Any) -> Usage | None:
     if not isinstance(raw, dict):
         return None
     prompt, completion = _count(raw.get("prompt_tokens")), _count(raw.get("completion_tokens"))
+    if completion is None and prompt is not None and _count(raw.get("total_tokens")) == prompt:
+        completion = 0  # an embedding's usage: prompt and total only
     if prompt is None or completion is None:
         return None
     cached = _count(raw.get("prompt_cache_hit_tokens"))  # DeepSeek
@@ -179,7 +181,7 @@ class Meter:
             write_usage(fields, self.reservation_id)
         metrics.request_finished(self.chat.model.id, status, outcome, usage)
         log.info(
-            "chat completion",
+            "embeddings" if self.chat.model.kind == "embedding" else "chat completion",
             extra={
                 "request_id": self.request_id,
                 "record_id": self.record_id if fields is not None else None,

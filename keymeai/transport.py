@@ -18,31 +18,33 @@ from requests.adapters import HTTPAdapter
 from .config import Provider
 
 USER_AGENT = "keymeai-gateway/1.0"
+PATHS = ("/chat/completions", "/embeddings")  # under the provider's base_url
 
 
 class ProviderClient:
-    """POSTs chat completions to one provider."""
+    """POSTs requests (chat completions, embeddings) to one provider."""
 
     def __init__(self, provider: Provider) -> None:
         self.adapter = HTTPAdapter(pool_connections=1, pool_maxsize=provider.max_connections)
         self.timeout = (provider.connect_timeout, provider.read_timeout)
         # Proxies come from the environment (HTTPS_PROXY, NO_PROXY) once, at start-up.
         self.proxies = requests.utils.get_environ_proxies(provider.base_url)
-        self.template = requests.Request(
-            "POST",
-            f"{provider.base_url}/chat/completions",
-            headers={
-                "User-Agent": USER_AGENT,
-                "Authorization": f"Bearer {provider.api_key}",
-                "Content-Type": "application/json",
-                "Accept": "application/json, text/event-stream",
-                "Accept-Encoding": "identity",
-            },
-        ).prepare()
+        headers = {
+            "User-Agent": USER_AGENT,
+            "Authorization": f"Bearer {provider.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json, text/event-stream",
+            "Accept-Encoding": "identity",
+        }
+        self.templates = {
+            path: requests.Request("POST", f"{provider.base_url}{path}", headers=headers).prepare()
+            for path in PATHS
+        }
 
-    def post(self, body: bytes) -> requests.Response:
-        """Send `body`; the response's body is left unread (stream=True)."""
-        request = self.template.copy()
+    def post(self, body: bytes, path: str = "/chat/completions") -> requests.Response:
+        """Send `body` to `path` (one of PATHS); the response's body is left unread
+        (stream=True)."""
+        request = self.templates[path].copy()
         request.prepare_body(body, None)
         return self.adapter.send(
             request, stream=True, timeout=self.timeout, verify=True, cert=None, proxies=self.proxies

@@ -42,6 +42,9 @@ logging.getLogger("urllib3").setLevel(logging.ERROR)
 MAX_ERROR_BODY = 64 * 1024
 MAX_REASON = 300  # characters of an upstream's fault text in a log line
 ACCOUNT_ERROR_CODES = {"arrearage", "accountoverdueerror", "insufficient_quota"}
+# Per model kind: the provider's path, and the list a 200 answer must carry to count as one.
+KIND_PATHS = {"chat": "/chat/completions", "embedding": "/embeddings"}
+ANSWER_LISTS = {"chat": "choices", "embedding": "data"}
 
 
 class UpstreamModelError(ApiError):
@@ -153,7 +156,8 @@ class Opened:
 
 
 class Router:
-    """Sends chat requests to the upstreams of their model, in order.
+    """Sends requests (chat completions, embeddings: the model's kind says which) to the
+    upstreams of their model, in order.
 
     `clock` (monotonic seconds) times the cooldowns: tests pass one they can move on.
     """
@@ -253,7 +257,7 @@ class Router:
             body["stream_options"] = dict(chat.body.get("stream_options") or {}, include_usage=True)
         try:
             response = self.clients[provider.name].post(
-                json.dumps(body, ensure_ascii=False).encode()
+                json.dumps(body, ensure_ascii=False).encode(), KIND_PATHS[chat.model.kind]
             )
         except requests.RequestException as exc:
             raise _Unavailable(describe_error(exc)) from None
@@ -261,7 +265,7 @@ class Router:
             self._refuse(response)
         if chat.stream:
             return self._open_stream(response, attempt, provider.read_timeout)
-        return self._read_completion(response, attempt)
+        return self._read_completion(response, attempt, ANSWER_LISTS[chat.model.kind])
 
     def _refuse(self, response: requests.Response) -> None:
         """Turn an upstream error status into failover or a 400 for the client."""
@@ -281,7 +285,9 @@ class Router:
             raise invalid(f"Upstream rejected the request: {self.scrub(message)[:1000]}")
         raise _Unavailable(f"HTTP {status} {code}".strip())
 
-    def _read_completion(self, response: requests.Response, attempt: Attempt) -> Opened:
+    def _read_completion(
+        self, response: requests.Response, attempt: Attempt, answer_list: str
+    ) -> Opened:
         try:
             raw = response.content
         except requests.RequestException as exc:
@@ -291,8 +297,8 @@ class Router:
             completion = json.loads(body)
         except ValueError:
             raise UpstreamModelError(f"non-JSON body ({len(raw)} bytes)") from None
-        if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
-            raise UpstreamModelError("JSON body without choices")
+        if not isinstance(completion, dict) or not isinstance(completion.get(answer_list), list):
+            raise UpstreamModelError(f"JSON body without {answer_list}")
         return Opened(attempt, completion=completion, raw_body=body)
 
     def _open_stream(

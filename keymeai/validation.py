@@ -18,7 +18,10 @@ from .config import Model
 from .errors import ApiError, invalid, model_not_found
 from .tokens import IMAGE_TOKENS, estimate_prompt_tokens
 
-ROLES = ("system", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# OpenAI's newer name for `system`. None of DeepSeek, DashScope (compatible mode) or Ark
+# documents it, so it goes upstream as `system`, which all of them take.
+UPSTREAM_ROLES = {"developer": "system"}
 JSON_TYPES = ("application/json",)
 # Far deeper than any real request (tool schemas included). A deeper body could parse
 # here yet exhaust the stack when it is serialised again for the upstream (a 500).
@@ -38,7 +41,7 @@ class ChatRequest:
     """A validated chat completion request."""
 
     body: dict[str, Any]
-    model: Model
+    model: Model  # resolved: an alias in the request names its model here
     stream: bool
     include_usage: bool  # the client asked for the usage chunk of a stream
     # The larger of max_tokens and max_completion_tokens (LangChain sends the latter).
@@ -133,16 +136,10 @@ def parse_chat_request(
     """Check the documented parameters; the rest is the provider's business.
 
     `image_tokens` is the prompt allowance of one image part (`[quota] image_tokens`)."""
-    model_id = body.get("model")
-    if model_id is None:
-        raise invalid("you must provide a model parameter", "model")
-    if not isinstance(model_id, str):
-        raise invalid("model must be a string", "model")
-    model = models.get(model_id)
-    if model is None:
-        raise model_not_found(model_id)
-
-    _check_messages(body.get("messages"))
+    model = find_model(body, models, "chat")
+    messages = _check_messages(body.get("messages"))
+    if any(message["role"] in UPSTREAM_ROLES for message in messages):
+        body = dict(body, messages=[_upstream_message(message) for message in messages])
     temperature = body.get("temperature")
     if temperature is not None and not (_is_number(temperature) and 0 <= temperature <= 2):
         raise invalid("temperature must be a number between 0 and 2", "temperature")
@@ -174,6 +171,33 @@ def parse_chat_request(
     )
 
 
+def find_model(body: dict[str, Any], models: Mapping[str, Model], kind: str) -> Model:
+    """The model `body` names (by id or alias), which must be of `kind`: a chat model
+    cannot make embeddings, nor an embedding model chat."""
+    model_id = body.get("model")
+    if model_id is None:
+        raise invalid("you must provide a model parameter", "model")
+    if not isinstance(model_id, str):
+        raise invalid("model must be a string", "model")
+    model = models.get(model_id)
+    if model is None:
+        raise model_not_found(model_id)
+    if model.kind != kind:
+        endpoint = "embeddings" if model.kind == "embedding" else "chat/completions"
+        raise ApiError(
+            400,
+            f"The model `{model_id[:200]}` is not a {kind} model: use it with /v1/{endpoint}.",
+            param="model",
+            code="wrong_model_kind",
+        )
+    return model
+
+
+def _upstream_message(message: dict[str, Any]) -> dict[str, Any]:
+    role = UPSTREAM_ROLES.get(message["role"])
+    return message if role is None else dict(message, role=role)
+
+
 def _choices(n: Any) -> int:
     """How many completions `n` asks for; an invalid `n` is the provider's to refuse."""
     return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CHOICES else 1
@@ -186,7 +210,7 @@ def _completion_limit(body: dict[str, Any], name: str) -> int | None:
     return value
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if messages is None:
         raise invalid("you must provide a messages parameter", "messages")
     if not isinstance(messages, list):
@@ -217,6 +241,7 @@ def _check_messages(messages: Any) -> None:
                 f"{param}.content must be a string or an array of content parts",
                 f"{param}.content",
             )
+    return messages
 
 
 def _is_int(value: Any) -> bool:

@@ -4,7 +4,10 @@ Why: the gateway's tests need real HTTP/1.1 upstreams (keep-alive, chunked SSE,
 abrupt disconnects) that mimic each provider's quirks, and new users need something
 to point the gateway at without provider accounts.
 
-URLs: ``/{shape}/{mode}/<anything>/chat/completions`` (POST) and ``.../models`` (GET).
+URLs: ``/{shape}/{mode}/<anything>/chat/completions`` and ``.../embeddings`` (POST), and
+``.../models`` (GET). Embeddings are deterministic: each input's vector follows from its
+text (and ``dimensions``, default EMBEDDING_DIMENSIONS), its values multiples of 1/1024,
+exact in float32; usage counts the words of the inputs, as prompt and total tokens.
 ``mode`` is ``ok``, an HTTP error status such as ``503``, a fault from ``FAULTS`` or
 ``sw-<name>``, which behaves as ``fake.switches.get(name, "ok")`` at request time.
 Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import select
 import socket
@@ -57,6 +61,8 @@ FAULTS = {
     "leak-500": "500 whose error echoes them likewise",
     "leak-stream": "stream: two chunks, then an error event echoing them (else as leak-500)",
 }
+EMBEDDING_DIMENSIONS = 1024  # text-embedding-v4's default
+MAX_EMBEDDING_INPUTS = {"dashscope": 10, "ark": 256, "deepseek": 256}
 MODES = frozenset(["ok", *FAULTS, *map(str, ERROR_STATUSES)])
 # Modes whose streamed behaviour differs from the non-stream one.
 STREAM_MODES = frozenset(
@@ -227,6 +233,57 @@ def _invalid(body: Any, bad_json: bool) -> str | None:
     if not all(isinstance(m, dict) for m in msgs):
         return "Invalid 'messages': every message must be an object"
     return None
+
+
+def embedding_vector(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """The fake's vector for `text`: derived from its hash, so the same text always gets
+    the same vector, and exact in float32 (multiples of 1/1024 within [-1, 1])."""
+    seed = hashlib.sha256(text.encode()).digest()
+    stream = b"".join(
+        hashlib.sha256(seed + i.to_bytes(4, "big")).digest() for i in range(-(-dimensions // 16))
+    )
+    return [
+        (int.from_bytes(stream[2 * i : 2 * i + 2], "big") % 2049 - 1024) / 1024
+        for i in range(dimensions)
+    ]
+
+
+def _embedding_problem(shape: str, body: Any, bad_json: bool) -> str | None:
+    """Why an embedding request would get a provider 400, or None if it is fine."""
+    if bad_json or not isinstance(body, dict):
+        return "Failed to parse the request body as JSON"
+    if not body.get("model"):
+        return "Missing required parameter: 'model'"
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        return "input must be a string or an array of strings"
+    if len(texts) > MAX_EMBEDDING_INPUTS[shape]:
+        return f"batch size is invalid, it should not be larger than {MAX_EMBEDDING_INPUTS[shape]}"
+    dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+    if not isinstance(dimensions, int) or not 0 < dimensions <= 4096:
+        return "dimensions is invalid"
+    if body.get("encoding_format", "float") != "float":
+        return "encoding_format only supports float"
+    return None
+
+
+def _embeddings(shape: str, body: dict, with_usage: bool) -> dict:
+    """An embeddings answer in the provider's shape."""
+    texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+    dimensions = body.get("dimensions", EMBEDDING_DIMENSIONS)
+    data = [
+        {"embedding": embedding_vector(text, dimensions), "index": i, "object": "embedding"}
+        for i, text in enumerate(texts)
+    ]
+    answer: dict[str, Any] = {"data": data, "model": body["model"], "object": "list"}
+    answer["id"] = str(uuid.uuid4())
+    if shape == "ark":
+        answer["created"] = int(time.time())
+    if with_usage:
+        prompt = sum(len(text.split()) for text in texts)
+        answer["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
+    return answer
 
 
 def _new_id(shape: str) -> str:
@@ -461,6 +518,8 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint = None
         if self.command == "POST" and path.endswith("/chat/completions"):
             endpoint = "chat"
+        elif self.command == "POST" and path.endswith("/embeddings"):
+            endpoint = "embeddings"
         elif self.command == "GET" and path.endswith("/models"):
             endpoint = "models"
         if rec.shape is None or rec.mode is None or endpoint is None:
@@ -477,6 +536,10 @@ class _Handler(BaseHTTPRequestHandler):
         if endpoint == "models":
             models = [{"id": m, "object": "model", "owned_by": shape} for m in MODELS[shape]]
             return self._send_plain({"object": "list", "data": models})
+        if endpoint == "embeddings":
+            if problem := _embedding_problem(shape, body, bad_json):
+                return self._send_json(400, error_body(shape, 400, problem))
+            return self._send_plain(_embeddings(shape, body, mode != "nousage"))
         if problem := _invalid(body, bad_json):
             return self._send_json(400, error_body(shape, 400, problem))
         knobs = body["fake"] if isinstance(body.get("fake"), dict) else {}

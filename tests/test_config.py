@@ -18,7 +18,7 @@ from tests.support import PROVIDER_ENV, ROOT, base_config, write_toml
 SHIPPED = ROOT / "config.toml"
 
 
-def test_the_shipped_config_has_the_five_models_on_real_providers() -> None:
+def test_the_shipped_config_has_the_five_chat_models_on_real_providers() -> None:
     config = load_config(SHIPPED, environ={})
     assert list(config.models) == [
         "deepseek-chat",
@@ -26,10 +26,17 @@ def test_the_shipped_config_has_the_five_models_on_real_providers() -> None:
         "doubao-pro-32k",
         "qwen-max",
         "qwen-plus",
+        "text-embedding-v4",
+        "doubao-embedding-text",
     ]
+    kinds = {m: c.kind for m, c in config.models.items()}
+    assert [m for m, kind in kinds.items() if kind == "embedding"] == list(config.models)[5:]
     upstream = {m: (u.provider, u.model) for m, c in config.models.items() for u in c.upstreams}
     assert upstream["doubao-pro-32k"] == ("ark", "doubao-pro-32k-241215")
     assert upstream["qwen-plus"] == ("dashscope", "qwen-plus")
+    assert upstream["text-embedding-v4"] == ("dashscope", "text-embedding-v4")
+    assert upstream["doubao-embedding-text"] == ("ark", "doubao-embedding-text-240715")
+    assert config.models["text-embedding-v4"].price.output == 0
     assert config.providers["deepseek"].base_url == "https://api.deepseek.com/v1"
     assert config.providers["ark"].base_url == "https://ark.cn-beijing.volces.com/api/v3"
     assert config.providers["dashscope"].api_key_env == "DASHSCOPE_API_KEY"

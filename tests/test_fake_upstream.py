@@ -24,9 +24,9 @@ import pytest
 import requests
 
 try:
-    from tests.fake_upstream import SHAPES, FakeUpstream
+    from tests.fake_upstream import SHAPES, FakeUpstream, embedding_vector
 except ImportError:  # tests/ is on sys.path (pytest rootdir-less import)
-    from fake_upstream import SHAPES, FakeUpstream
+    from fake_upstream import SHAPES, FakeUpstream, embedding_vector
 
 KEY = "sk-fake-upstream"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -261,6 +261,31 @@ def test_models_list(fake: FakeUpstream) -> None:
     ids = [m.id for m in client(fake, "dashscope").models.list()]
     assert "qwen-plus" in ids
     assert get(fake, "/ark/503/api/v3/models").status_code == 503
+
+
+@pytest.mark.parametrize("shape", ["dashscope", "ark"])
+def test_embeddings_are_deterministic_with_usage(fake: FakeUpstream, shape: str) -> None:
+    sdk = client(fake, shape)
+    first = sdk.embeddings.create(
+        model="text-embedding-v4", input=["a b", "c"], encoding_format="float", dimensions=16
+    )
+    again = sdk.embeddings.create(
+        model="text-embedding-v4", input="a b", encoding_format="float", dimensions=16
+    )
+    assert first.data[0].embedding == again.data[0].embedding == embedding_vector("a b", 16)
+    assert first.data[1].embedding != first.data[0].embedding
+    assert all(abs(x) <= 1 and (x * 1024).is_integer() for x in first.data[0].embedding)
+    assert (first.usage.prompt_tokens, first.usage.total_tokens) == (3, 3)
+    assert fake.requests[-2].response_usage == {"prompt_tokens": 3, "total_tokens": 3}
+
+
+def test_embeddings_refuse_what_dashscope_refuses(fake: FakeUpstream) -> None:
+    sdk = client(fake, "dashscope")
+    for bad in ({"input": [str(i) for i in range(11)]}, {"input": [[1, 2]]}, {"input": "x"}):
+        with pytest.raises(openai.BadRequestError):
+            sdk.embeddings.create(model="text-embedding-v4", **bad)  # base64 by default
+    with pytest.raises(openai.InternalServerError):
+        client(fake, "ark", "503").embeddings.create(model="e", input="x", encoding_format="float")
 
 
 # -- request validation ---------------------------------------------------------
