@@ -48,8 +48,13 @@ class KeyCache:
 
 
 def authenticate(cache: KeyCache) -> KeyInfo:
-    """The active key of the current request, or a 401 in OpenAI's words."""
+    """The active key of the current request, or a 401 in OpenAI's words.
+
+    `Authorization: Bearer` first; else `x-api-key`, which the anthropic SDK sends."""
     header = request.headers.get("Authorization", "").strip()
+    api_key = request.headers.get("x-api-key", "").strip()
+    if not header and api_key:
+        return check_key(api_key, cache)
     if not header:
         raise invalid_api_key(
             "You didn't provide an API key. You need to provide your API key in an "

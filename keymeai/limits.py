@@ -38,6 +38,8 @@ from .keys import KeyInfo
 log = logging.getLogger(__name__)
 
 CHAT_ENDPOINT = "api.chat_completions"
+# The endpoints that call a model: they answer with the request limit's and quota's headers.
+MODEL_ENDPOINTS = frozenset([CHAT_ENDPOINT, "api.messages"])
 STRATEGY = "keymeai-fixed-window"
 # Redis answers in well under a millisecond; a Redis that stops answering must not hold
 # requests (or threads) for long. Errors are raised as limits' StorageError.
@@ -225,7 +227,7 @@ def init_app(app: Flask, limiter: Limiter) -> None:
 
     @app.after_request
     def rate_limit_headers(response: Response) -> Response:
-        if request.endpoint != CHAT_ENDPOINT:
+        if request.endpoint not in MODEL_ENDPOINTS:
             return response
         current = limiter.current_limit
         if current is not None:
