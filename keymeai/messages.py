@@ -26,7 +26,8 @@ from .api import bp, read_body, serve
 from .errors import invalid
 from .validation import ChatRequest, parse_chat_request, parse_json_body
 
-ROLES = ("user", "assistant")
+# Claude Code also sends `system` messages among the turns (reminders to the model).
+ROLES = ("user", "assistant", "system")
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 
 
@@ -106,9 +107,16 @@ def _is_block(block: Any, kind: str) -> bool:
 def _message(message: Any, param: str) -> list[dict[str, Any]]:
     """One Anthropic message as chat messages: tool results become `tool` messages
     (first, right after the assistant's calls), the rest one user or assistant message."""
-    if not isinstance(message, dict) or message.get("role") not in ROLES:
-        raise invalid(f"{param}: must be an object with role user or assistant", f"{param}.role")
+    if not isinstance(message, dict):
+        raise invalid(f"{param}: must be an object with a role and content", param)
+    if message.get("role") not in ROLES:
+        shown = _show(message.get("role"))
+        raise invalid(
+            f"{param}.role: must be user, assistant or system (got {shown})", f"{param}.role"
+        )
     role, content = message["role"], message.get("content")
+    if role == "system":
+        return _system(content) or [{"role": "system", "content": ""}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
