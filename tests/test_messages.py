@@ -7,14 +7,18 @@ tests check what the provider was sent, what the SDK assembled, and the ledger r
 from __future__ import annotations
 
 import base64
+import json
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
 import pytest
+import requests
 
+from keymeai import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
-from tests.support import usage_records, wait_for_records
+from tests.support import Gunicorn, usage_records, wait_for_records
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n fake image bytes").decode()
 WEATHER = {
@@ -252,3 +256,63 @@ def test_count_tokens(claude: anthropic.Anthropic, upstream: FakeUpstream) -> No
     assert counted.input_tokens > 150  # 600 characters at ~0.3 token each, and framing
     assert upstream.count() == before  # no upstream call
     assert usage_records() == []  # nothing billed
+
+
+def sse_types(response: requests.Response) -> list[str]:
+    """The `event:` of each SSE event, as sent, checked against the data's `type`."""
+    kinds = []
+    for block in response.text.split("\n\n"):
+        if not block.strip():
+            continue
+        event, data = block.split("\n")
+        kind = event.removeprefix("event: ")
+        assert json.loads(data.removeprefix("data: "))["type"] == kind
+        kinds.append(kind)
+    return kinds
+
+
+def test_under_gunicorn(start_gunicorn: Callable[..., Gunicorn], ledger: None) -> None:
+    """The SDK's stream helper and the wire order of events, under gunicorn's worker."""
+    server = start_gunicorn()
+    key = keys.create_key("sdk", "standard")[1]
+    claude = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0, timeout=30)
+    with claude.messages.stream(
+        model="deepseek-chat",
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "under gunicorn"}],
+    ) as stream:
+        assert "".join(stream.text_stream) == "Echo: under gunicorn"
+        message = stream.get_final_message()
+    assert message.usage.output_tokens == 3
+    counted = claude.messages.count_tokens(
+        model="deepseek-chat", messages=[{"role": "user", "content": "under gunicorn"}]
+    )
+    assert counted.input_tokens > 0
+
+    raw = requests.post(
+        f"{server.url}/v1/messages?beta=true",
+        headers={"Authorization": f"Bearer {key}", "anthropic-version": "2023-06-01"},
+        json={
+            "model": "deepseek-chat",
+            "max_tokens": 100,
+            "stream": True,
+            "messages": [{"role": "user", "content": "a b"}],
+        },
+        timeout=30,
+    )
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    kinds = sse_types(raw)
+    # DeepSeek's keep-alive comment becomes a ping, after message_start.
+    assert kinds[:2] == ["message_start", "ping"]
+    body = [k for k in kinds if k != "ping"]
+    assert body == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 3,  # "Echo: ", "a ", "b"
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    records = wait_for_records(2)
+    assert [(r.stream, r.outcome, r.estimated) for r in records] == [(True, "ok", False)] * 2
