@@ -135,6 +135,13 @@ def test_rate_limit_with_retry_after(
     assert error.body["error"]["type"] == "rate_limit_error"
     assert 0 < int(error.response.headers["Retry-After"]) <= 60
     assert len(wait_for_records(1)) == 1  # the refused request reached no provider
+    # count_tokens is limited too, in its own window.
+    client.messages.count_tokens(model="deepseek-chat", messages=HELLO)  # type: ignore[arg-type]
+    error = refused(
+        lambda: client.messages.count_tokens(model="deepseek-chat", messages=HELLO),  # type: ignore[arg-type]
+        anthropic.RateLimitError,
+    )
+    assert error.body["error"]["type"] == "rate_limit_error"
 
 
 def test_upstream_unavailable_is_overloaded(route: Callable[..., Routed]) -> None:
