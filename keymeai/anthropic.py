@@ -56,6 +56,10 @@ def usage_of(usage: Any) -> dict[str, int]:
     }
 
 
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
 def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -107,8 +111,7 @@ class AnthropicMessages:
         }
 
     def answer(self, completion: dict[str, Any], raw: bytes) -> bytes:
-        choices = completion.get("choices") or [{}]
-        choice = choices[0] if isinstance(choices[0], dict) else {}
+        choice = _obj((_list(completion.get("choices")) or [{}])[0])
         message = _obj(choice.get("message"))
         content: list[dict[str, Any]] = []
         reasoning = message.get("reasoning_content")
@@ -117,7 +120,7 @@ class AnthropicMessages:
         text = message.get("content")
         if isinstance(text, str) and text:
             content.append({"type": "text", "text": text})
-        for call in message.get("tool_calls") or []:
+        for call in _list(message.get("tool_calls")):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict):
                 continue
@@ -164,7 +167,7 @@ class AnthropicMessages:
         out = self._start(chunk.get("id"))
         if chunk.get("usage") is not None:
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or []:
+        for choice in _list(chunk.get("choices")):
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = _obj(choice.get("delta"))
@@ -184,7 +187,7 @@ class AnthropicMessages:
             if self.block != "text":
                 out += self._open("text", {"type": "text", "text": ""})
             out += self._delta({"type": "text_delta", "text": text})
-        for call in delta.get("tool_calls") or []:
+        for call in _list(delta.get("tool_calls")):
             if isinstance(call, dict):
                 out += self._tool_call(call)
         return out

@@ -215,7 +215,9 @@ def _tools(tools: Any) -> list[dict[str, Any]]:
         raise invalid("tools: must be an array of tools", "tools")
     functions = []
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
+        if not isinstance(tool, dict):
+            raise invalid(f"tools.{i}: must be an object", f"tools.{i}")
+        if tool.get("type") not in (None, "custom"):
             continue
         name, schema = tool.get("name"), tool.get("input_schema")
         if not isinstance(name, str) or not isinstance(schema, dict):
@@ -231,6 +233,8 @@ def _tool_choice(choice: Any, chat: dict[str, Any]) -> None:
     if choice is None:
         return
     kind = choice.get("type") if isinstance(choice, dict) else None
+    if not isinstance(kind, str):
+        raise invalid("tool_choice: must be an object with a type", "tool_choice")
     if kind == "tool" and isinstance(choice.get("name"), str):
         chat["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif kind in TOOL_CHOICES:
