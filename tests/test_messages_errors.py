@@ -193,3 +193,41 @@ def test_client_hang_up_mid_stream_is_metered(route: Callable[..., Routed]) -> N
     [record] = wait_for_records(1, timeout=15)
     assert (record.stream, record.outcome) == (True, "client_closed")
     assert record.prompt_tokens > 0 and record.completion_tokens > 0
+
+
+def test_quota_refusal_is_a_rate_limit_error(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
+) -> None:
+    """A key whose monthly tokens are spent: Anthropic's 429, with Retry-After."""
+    config_data["tiers"]["hobby"]["tokens_per_month"] = 5
+    gateway = start_gateway()
+    client = sdk(gateway.url, gateway.create_key("hobby"))
+    create(client)()  # 8 tokens: admitted under the quota, and spends it
+    wait_for_records(1)  # applied to the ledger, which the quota reads
+    error = refused(create(client), anthropic.RateLimitError)
+    assert error.body["error"]["type"] == "rate_limit_error"
+    assert "quota" in error.body["error"]["message"]
+    assert int(error.response.headers["Retry-After"]) > 0
+    assert len(usage_records()) == 1
+
+
+def test_idle_pings_then_an_error_event(
+    route: Callable[..., Routed], config_data: dict[str, Any]
+) -> None:
+    """A provider that goes silent after its first event: pings while it is silent, then
+    its read timeout ends the stream with an error event, metered."""
+    config_data["gateway"]["stream_keepalive_seconds"] = 1
+    routed = route("hang-after-headers", read_timeout=3)
+    url = str(routed.client.base_url).rstrip("/").removesuffix("/v1")
+    response = requests.post(
+        f"{url}/v1/messages",
+        headers={"x-api-key": routed.key},
+        json={"model": ROUTED_MODEL, "max_tokens": 50, "stream": True, "messages": HELLO},
+        timeout=30,
+    )
+    events = [b.split("\n")[0].removeprefix("event: ") for b in response.text.split("\n\n") if b]
+    assert events[0] == "message_start"
+    assert events.count("ping") >= 2
+    assert events[-1] == "error"
+    [record] = wait_for_records(1)
+    assert (record.stream, record.outcome) == (True, "upstream_failed")
