@@ -16,6 +16,7 @@ import pytest
 import requests
 
 from keymeai import keys
+from keymeai.anthropic import usage_of
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.support import Gunicorn, usage_records, wait_for_records
@@ -316,3 +317,37 @@ def test_under_gunicorn(start_gunicorn: Callable[..., Gunicorn], ledger: None) -
     ]
     records = wait_for_records(2)
     assert [(r.stream, r.outcome, r.estimated) for r in records] == [(True, "ok", False)] * 2
+
+
+def test_max_tokens_stop_reason(claude: anthropic.Anthropic) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "doubao-pro-32k",
+        "max_tokens": 2,
+        "messages": [{"role": "user", "content": "one two three"}],
+    }
+    message = claude.messages.create(**kwargs)
+    assert (message.stop_reason, message.content[0].text) == ("max_tokens", "Echo: one")  # type: ignore[union-attr]
+    with claude.messages.stream(**kwargs) as stream:
+        assert stream.get_final_message().stop_reason == "max_tokens"
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        # DeepSeek's cache fields, and OpenAI's (DashScope, Ark)
+        {"prompt_tokens": 100, "completion_tokens": 7, "prompt_cache_hit_tokens": 60},
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 7,
+            "prompt_tokens_details": {"cached_tokens": 60},
+        },
+    ],
+)
+def test_usage_separates_cache_reads(usage: dict[str, Any]) -> None:
+    """Anthropic's input_tokens excludes the cache reads; together they are the prompt."""
+    assert usage_of(usage) == {
+        "input_tokens": 40,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 60,
+        "output_tokens": 7,
+    }
