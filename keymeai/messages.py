@@ -86,14 +86,14 @@ def to_chat(body: dict[str, Any], require_max_tokens: bool = True) -> dict[str, 
     return chat  # `thinking`, `top_k`, `service_tier` and the like are accepted, not sent
 
 
-def _system(system: Any) -> list[dict[str, Any]]:
+def _system(system: Any, param: str = "system") -> list[dict[str, Any]]:
     if system is None or system == "" or system == []:
         return []
     if isinstance(system, str):
         return [{"role": "system", "content": system}]
     if isinstance(system, list) and all(_is_block(b, "text") for b in system):
         return [{"role": "system", "content": "\n\n".join(b["text"] for b in system)}]
-    raise invalid("system: must be a string or an array of text blocks", "system")
+    raise invalid(f"{param}: must be a string or an array of text blocks", param)
 
 
 def _is_block(block: Any, kind: str) -> bool:
@@ -116,7 +116,7 @@ def _message(message: Any, param: str) -> list[dict[str, Any]]:
         )
     role, content = message["role"], message.get("content")
     if role == "system":
-        return _system(content) or [{"role": "system", "content": ""}]
+        return _system(content, f"{param}.content") or [{"role": "system", "content": ""}]
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
