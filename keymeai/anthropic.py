@@ -28,16 +28,28 @@ STOP_REASONS = {
 FAILED_STATUS = {"server_shutting_down": 503}
 
 
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON; ASCII-escaped if the provider sent a lone surrogate (a
+    `\\ud800` escape), which UTF-8 cannot encode."""
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
 def sse(kind: str, data: dict[str, Any]) -> bytes:
     """One Anthropic SSE event: its type on the `event:` line and in the data."""
-    payload = json.dumps({"type": kind, **data}, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {kind}\ndata: {payload}\n\n".encode()
+    return b"event: " + kind.encode() + b"\ndata: " + dumps({"type": kind, **data}) + b"\n\n"
 
 
 def stop_reason(finish_reason: Any) -> str | None:
     if not finish_reason:
         return None
-    return STOP_REASONS.get(finish_reason, "end_turn")
+    return (
+        STOP_REASONS.get(finish_reason, "end_turn")
+        if isinstance(finish_reason, str)
+        else "end_turn"
+    )
 
 
 def usage_of(usage: Any) -> dict[str, int]:
@@ -134,7 +146,7 @@ class AnthropicMessages:
             )
         self.stop_reason = stop_reason(choice.get("finish_reason")) or "end_turn"
         body = self._message(completion.get("id"), content, usage_of(completion.get("usage")))
-        return json.dumps(body, ensure_ascii=False).encode()
+        return dumps(body)
 
     # The stream: every method returns the events to write, message_start first.
 
