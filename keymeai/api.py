@@ -39,6 +39,8 @@ def init_app(app: Flask, limiter: Limiter) -> None:
     """
     if limiter.initialized:
         raise RuntimeError("api.init_app must run before limits.init_app: the limit needs the key")
+    from . import messages  # noqa: F401  (its views are on this blueprint; they import it)
+
     app.before_request(_key_first)
     limits.per_key(limiter)(bp)
     app.register_blueprint(bp)

@@ -13,7 +13,7 @@ import time
 from flask import request
 
 from . import guesses
-from .errors import ApiError, invalid_api_key
+from .errors import ApiError, anthropic_route, invalid_api_key
 from .keys import KeyInfo, hash_key, is_well_formed, lookup
 from .ledger import utcnow
 
@@ -48,11 +48,19 @@ class KeyCache:
 
 
 def authenticate(cache: KeyCache) -> KeyInfo:
-    """The active key of the current request, or a 401 in OpenAI's words."""
+    """The active key of the current request, or a 401 in OpenAI's words.
+
+    `Authorization: Bearer`; on the Anthropic Messages routes also `x-api-key`, which the
+    anthropic SDK sends (elsewhere it is not a key: OpenAI's clients never send it)."""
     header = request.headers.get("Authorization", "").strip()
+    anthropic = anthropic_route()
+    api_key = request.headers.get("x-api-key", "").strip() if anthropic else ""
+    if not header and api_key:
+        return check_key(api_key, cache)
     if not header:
+        where = "an x-api-key header or " if anthropic else ""
         raise invalid_api_key(
-            "You didn't provide an API key. You need to provide your API key in an "
+            f"You didn't provide an API key. You need to provide your API key in {where}an "
             "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
         )
     scheme, _, token = header.partition(" ")

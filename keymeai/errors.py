@@ -1,9 +1,11 @@
-"""Errors in OpenAI's shape, for every status the gateway answers with.
+"""Errors in the client's API's shape, for every status the gateway answers with.
 
 Clients (the openai SDK first of all) read `error.message`, `error.type`, `error.param`
 and `error.code`; they get that body whatever went wrong, never an HTML page or a
-traceback. Only the pages people open in a browser (/dashboard, /account) get their
-errors as HTML.
+traceback. The Anthropic Messages routes (/v1/messages...) answer the same errors in
+Anthropic's shape and statuses instead, chosen here by the request's path, so that
+every raiser (auth, limits, quota, concurrency, Werkzeug) stays shape-blind. Only the
+pages people open in a browser (/dashboard, /account) get their errors as HTML.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from flask import Flask, Response, g
+from flask import Flask, Response, g, has_request_context, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,39 @@ _HTTP_MESSAGES = {
     405: ("Method not allowed for this URL.", "method_not_allowed"),
     413: ("Request body too large.", "request_too_large"),
 }
+
+# Anthropic's error type per status; any other 4xx is an invalid request, 5xx an
+# api_error. Where chat completions say 503 (overloaded, unavailable) Anthropic says 529.
+ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
+ANTHROPIC_STATUS = {503: 529}
+ANTHROPIC_PREFIX = "/v1/messages"
+
+
+def anthropic_route() -> bool:
+    """Whether the current request is one of the Anthropic Messages API's."""
+    if not has_request_context():
+        return False
+    path = request.path
+    return path == ANTHROPIC_PREFIX or path.startswith(ANTHROPIC_PREFIX + "/")
+
+
+def anthropic_error(status: int, message: str) -> tuple[int, dict[str, Any]]:
+    """Anthropic's status and body for an error the gateway answers with `status`."""
+    default = "api_error" if status >= 500 else "invalid_request_error"
+    kind = ANTHROPIC_TYPES.get(status, default)
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return ANTHROPIC_STATUS.get(status, status), body
 
 
 class ApiError(Exception):
@@ -60,7 +95,10 @@ class ApiError(Exception):
     def response(self) -> Response:
         # ASCII-escaped JSON: a message that echoes client text (even a lone surrogate)
         # always encodes.
-        resp = Response(json.dumps(self.body()), self.status, mimetype="application/json")
+        status, body = self.status, self.body()
+        if anthropic_route():
+            status, body = anthropic_error(status, self.message)
+        resp = Response(json.dumps(body), status, mimetype="application/json")
         resp.headers.update(self.headers)
         return resp
 

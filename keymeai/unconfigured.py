@@ -21,7 +21,7 @@ import json
 from flask import g, request
 
 from .errors import ApiError
-from .limits import CHAT_ENDPOINT
+from .limits import MODEL_ENDPOINTS
 
 
 def not_configured(model_id: str) -> ApiError:
@@ -38,7 +38,7 @@ def not_configured(model_id: str) -> ApiError:
 def refuse_unconfigured_model(unconfigured: frozenset[str]) -> None:
     """Raise `not_configured` if the chat request asks for a model in `unconfigured`
     that its key may use (a model it may not use gets the view's 403)."""
-    if not unconfigured or request.endpoint not in (CHAT_ENDPOINT, "api.embeddings"):
+    if not unconfigured or request.endpoint not in MODEL_ENDPOINTS:
         return
     raw = request.get_data()  # cached for the view
     if not any(model_id.encode() in raw for model_id in unconfigured):

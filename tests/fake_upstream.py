@@ -14,6 +14,9 @@ Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
 ``interval``, ``cached``, ``reasoning_words``, ``first_delay``, ``usage_early`` (a stream
 also reports its usage right after its first chunk, as for an answer billed up front),
 ``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s).
+A request that forces a tool (``tool_choice`` ``required`` or a named function) gets a
+call of it (the first tool for ``required``) with the arguments ``{"echo": <answer>}``,
+streamed in fragments, and ``finish_reason`` ``tool_calls``.
 
 Standalone: ``python tests/fake_upstream.py --port 8900``.
 """
@@ -179,6 +182,7 @@ class _Reply:
     prompt_tokens: int
     cached: int
     finish_reason: str
+    tool_call: dict | None = None  # {"id", "name", "arguments"} when a tool was forced
 
     @classmethod
     def plan(cls, shape: str, body: dict, knobs: dict) -> _Reply:
@@ -202,7 +206,12 @@ class _Reply:
         prompt = sum(len(_text_of(m.get("content")).split()) + 3 for m in msgs)
         prompt += _schema_tokens(body)
         cached = max(0, min(int(knobs.get("cached", 0)), prompt))
-        return cls(words, reasoning, prompt, cached, finish)
+        tool = _forced_tool(body)
+        if tool is None:
+            return cls(words, reasoning, prompt, cached, finish)
+        arguments = json.dumps({"echo": " ".join(words)})
+        call = {"id": f"call_{uuid.uuid4().hex[:12]}", "name": tool, "arguments": arguments}
+        return cls(words, reasoning, prompt, cached, "tool_calls", call)
 
     def usage(self, shape: str) -> dict:
         """Usage object in the provider's format (DeepSeek adds cache hit/miss)."""
@@ -219,6 +228,21 @@ class _Reply:
         if self.reasoning or shape == "ark":
             usage["completion_tokens_details"] = {"reasoning_tokens": len(self.reasoning)}
         return usage
+
+
+def _forced_tool(body: dict) -> str | None:
+    """The function a request forces the model to call, if any."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if isinstance(choice, dict):
+        return str(choice.get("function", {}).get("name"))
+    if choice == "required" and isinstance(tools, list) and tools:
+        return str(tools[0].get("function", {}).get("name"))
+    return None
+
+
+def _tool_calls(call: dict, arguments: str) -> list[dict]:
+    return [{"index": 0, "id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": arguments}}]  # fmt: skip
 
 
 def _invalid(body: Any, bad_json: bool) -> str | None:
@@ -292,7 +316,10 @@ def _new_id(shape: str) -> str:
 
 def _completion(shape: str, model: str, reply: _Reply, with_usage: bool) -> dict:
     """Non-stream chat completion body."""
-    message = {"role": "assistant", "content": " ".join(reply.words)}
+    message: dict[str, Any] = {"role": "assistant", "content": " ".join(reply.words)}
+    if reply.tool_call:
+        message["content"] = None
+        message["tool_calls"] = _tool_calls(reply.tool_call, reply.tool_call["arguments"])
     if reply.reasoning:
         message["reasoning_content"] = " ".join(reply.reasoning)
     choice = {
@@ -347,7 +374,15 @@ def _stream_events(
     if usage and usage_early:
         events.append(event(None, usage=usage))
     events += [event({"reasoning_content": w, "content": None}) for w in _spaced(reply.reasoning)]
-    events += [event({"content": w}) for w in _spaced(reply.words)]
+    if reply.tool_call:
+        call, arguments = reply.tool_call, reply.tool_call["arguments"]
+        events.append(event({"tool_calls": _tool_calls(call, "")}))
+        pieces = [arguments[i : i + 10] for i in range(0, len(arguments), 10)]
+        events += [
+            event({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}) for p in pieces
+        ]
+    else:
+        events += [event({"content": w}) for w in _spaced(reply.words)]
     # DeepSeek puts usage on the finish chunk; the others send a choices=[] chunk.
     final_usage = usage if shape == "deepseek" else None
     events.append(event({"content": ""}, reply.finish_reason, final_usage))
