@@ -10,7 +10,8 @@ URLs: ``/{shape}/{mode}/<anything>/chat/completions`` (POST) and ``.../models`` 
 Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
 ``interval``, ``cached``, ``reasoning_words``, ``first_delay``, ``usage_early`` (a stream
 also reports its usage right after its first chunk, as for an answer billed up front),
-``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s).
+``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s),
+``tool_call`` (``{"name", "arguments"}``: the answer is that function call, no text).
 
 Standalone: ``python tests/fake_upstream.py --port 8900``.
 """
@@ -173,6 +174,7 @@ class _Reply:
     prompt_tokens: int
     cached: int
     finish_reason: str
+    tool_call: dict | None = None
 
     @classmethod
     def plan(cls, shape: str, body: dict, knobs: dict) -> _Reply:
@@ -196,6 +198,10 @@ class _Reply:
         prompt = sum(len(_text_of(m.get("content")).split()) + 3 for m in msgs)
         prompt += _schema_tokens(body)
         cached = max(0, min(int(knobs.get("cached", 0)), prompt))
+        call = knobs.get("tool_call")
+        if isinstance(call, dict):
+            call = {"name": str(call.get("name")), "arguments": str(call.get("arguments", "{}"))}
+            return cls([], reasoning, prompt, cached, "tool_calls", call)
         return cls(words, reasoning, prompt, cached, finish)
 
     def usage(self, shape: str) -> dict:
@@ -238,6 +244,9 @@ def _completion(shape: str, model: str, reply: _Reply, with_usage: bool) -> dict
     message = {"role": "assistant", "content": " ".join(reply.words)}
     if reply.reasoning:
         message["reasoning_content"] = " ".join(reply.reasoning)
+    if reply.tool_call:
+        message["content"] = None
+        message["tool_calls"] = [_tool_call(reply.tool_call)]
     choice = {
         "index": 0,
         "message": message,
@@ -255,6 +264,10 @@ def _completion(shape: str, model: str, reply: _Reply, with_usage: bool) -> dict
     if with_usage:
         body["usage"] = reply.usage(shape)
     return body
+
+
+def _tool_call(call: dict) -> dict:
+    return {"id": "call_fake1", "type": "function", "function": dict(call)}
 
 
 def _spaced(words: list[str]) -> list[str]:
@@ -291,6 +304,13 @@ def _stream_events(
         events.append(event(None, usage=usage))
     events += [event({"reasoning_content": w, "content": None}) for w in _spaced(reply.reasoning)]
     events += [event({"content": w}) for w in _spaced(reply.words)]
+    if reply.tool_call:
+        call, args = _tool_call(reply.tool_call), reply.tool_call["arguments"]
+        call["function"]["arguments"] = ""
+        events.append(event({"tool_calls": [dict(call, index=0)]}))
+        half = len(args) // 2
+        for piece in (args[:half], args[half:]):
+            events.append(event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
     # DeepSeek puts usage on the finish chunk; the others send a choices=[] chunk.
     final_usage = usage if shape == "deepseek" else None
     events.append(event({"content": ""}, reply.finish_reason, final_usage))
