@@ -9,11 +9,14 @@ Only the answer's dialect differs (keymeai.responses_dialect).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
-from flask import Response, request
+from flask import Response, g, jsonify, request
 
 from . import concurrency, gateway
+from . import responses_store as store
 from .api import bp, read_body, serve
 from .responses_dialect import ResponsesDialect
 from .responses_input import to_chat
@@ -52,6 +55,29 @@ def create_response() -> Response:
     gw = gateway.current()
     raw = read_body(gw.config.gateway.max_request_bytes)
     body = parse_json_body(raw, request.content_type)
-    translated = to_chat(body)
+    retention = gw.config.responses.retention_days
+    previous = body.get("previous_response_id")
+    history = None if previous is None else store.history(g.api_key.id, previous, retention)
+    translated = to_chat(body, history)
     chat = parse_chat_request(translated.body, gw.config.models, gw.config.quota.image_tokens)
-    return serve(chat, ResponsesDialect(shell(body), translated.names))
+    keep: Callable[[dict[str, Any]], None] | None = None
+    if body.get("store") is not False:
+        keep = partial(
+            store.save,
+            g.api_key.id,
+            conversation=translated.conversation,
+            retention_days=retention,
+        )
+    return serve(chat, ResponsesDialect(shell(body), translated.names, keep))
+
+
+@bp.get("/responses/<response_id>")
+def get_response(response_id: str) -> Response:
+    retention = gateway.current().config.responses.retention_days
+    return jsonify(store.load(g.api_key.id, response_id, retention))
+
+
+@bp.delete("/responses/<response_id>")
+def delete_response(response_id: str) -> Response:
+    store.delete(g.api_key.id, response_id)
+    return jsonify({"id": response_id, "object": "response.deleted", "deleted": True})

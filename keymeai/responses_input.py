@@ -62,6 +62,8 @@ class Translated:
     """The chat body, and what the answer needs to speak Responses again."""
 
     body: dict[str, Any]
+    # The conversation's messages without the instructions (what a stored response keeps).
+    conversation: list[dict[str, Any]] = field(default_factory=list)
     # Flattened tool name → (namespace, function name), for `namespace` tools.
     names: dict[str, tuple[str, str]] = field(default_factory=dict)
 
@@ -79,9 +81,8 @@ def to_chat(body: dict[str, Any], history: list[dict[str, Any]] | None = None) -
         if not isinstance(instructions, str):
             raise invalid("instructions must be a string", "instructions")
         messages.append({"role": "system", "content": instructions})
-    messages += history or []
-    messages += input_messages(body.get("input"), flat)
-    chat["messages"] = messages
+    conversation = [*(history or []), *input_messages(body.get("input"), flat)]
+    chat["messages"] = messages + conversation
     if tools:
         chat["tools"] = tools
         choice = _tool_choice(body.get("tool_choice"), flat)
@@ -99,7 +100,7 @@ def to_chat(body: dict[str, Any], history: list[dict[str, Any]] | None = None) -
     response_format = _response_format(body.get("text"))
     if response_format is not None:
         chat["response_format"] = response_format
-    return Translated(chat, names)
+    return Translated(chat, conversation, names)
 
 
 def input_messages(value: Any, flat: dict[tuple[str, str], str]) -> list[dict[str, Any]]:
