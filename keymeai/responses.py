@@ -18,6 +18,7 @@ from flask import Response, g, jsonify, request
 from . import concurrency, gateway
 from . import responses_store as store
 from .api import bp, read_body, serve
+from .errors import invalid
 from .responses_dialect import ResponsesDialect
 from .responses_input import to_chat
 from .validation import parse_chat_request, parse_json_body
@@ -56,6 +57,8 @@ def create_response() -> Response:
     raw = read_body(gw.config.gateway.max_request_bytes)
     body = parse_json_body(raw, request.content_type)
     retention = gw.config.responses.retention_days
+    if not isinstance(body.get("store", True), bool):
+        raise invalid("store must be a boolean", "store")
     previous = body.get("previous_response_id")
     history = None if previous is None else store.history(g.api_key.id, previous, retention)
     translated = to_chat(body, history)

@@ -251,9 +251,11 @@ def _function_tool(tool: dict[str, Any], param: str, name: Any) -> dict[str, Any
     if not isinstance(tool.get("name"), str) or not tool["name"]:
         raise invalid(f"{param}.name must be a non-empty string", f"{param}.name")
     function: dict[str, Any] = {"name": name}
-    for key in ("description", "parameters", "strict"):
+    for key in ("description", "parameters"):
         if tool.get(key) is not None:
             function[key] = tool[key]
+    if tool.get("strict") is True:  # Codex sends `strict: false`, which some providers refuse
+        function["strict"] = True
     return {"type": "function", "function": function}
 
 

@@ -299,6 +299,20 @@ def test_codex_shaped_request(client: OpenAI, upstream: FakeUpstream) -> None:
         ({"model": "qwen-max", "input": [{"role": "wizard", "content": "x"}]}, "input[0].role"),
         ({"model": "qwen-max", "input": "x", "max_output_tokens": 0}, "max_output_tokens"),
         ({"model": "qwen-max", "input": "x", "temperature": 9}, "temperature"),
+        ({"model": "qwen-max", "input": "x", "store": "yes"}, "store"),
+        ({"model": "qwen-max", "input": "x", "previous_response_id": 7}, "previous_response_id"),
+        ({"model": "qwen-max", "input": [{"role": "user", "content": 5}]}, "input[0].content"),
+        (
+            {
+                "model": "qwen-max",
+                "input": [{"role": "user", "content": [{"type": "input_image"}]}],
+            },
+            "input[0].content[0].image_url",
+        ),
+        (
+            {"model": "qwen-max", "input": [{"type": "function_call", "name": "f"}]},
+            "input[0].call_id",
+        ),
         ({"model": "qwen-max", "input": "x", "tools": [{"name": "f"}]}, "tools[0]"),
         (
             {"model": "qwen-max", "input": "x", "text": {"format": {"type": "xml"}}},
