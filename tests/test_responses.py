@@ -5,6 +5,7 @@ stream in OpenAI's Responses shape, and every request metered in the ledger."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -265,7 +266,10 @@ def codex_request(**extra: Any) -> dict[str, Any]:
     }
 
 
-def test_codex_shaped_request(client: OpenAI, upstream: FakeUpstream) -> None:
+def test_codex_shaped_request(
+    client: OpenAI, upstream: FakeUpstream, gateway_logs: pytest.LogCaptureFixture
+) -> None:
+    gateway_logs.set_level(logging.INFO)  # the left-out tools are an INFO line
     body = codex_request(
         fake={"tool_call": {"name": "multi_agent_v1__spawn_agent", "arguments": "{}"}}
     )
@@ -288,6 +292,10 @@ def test_codex_shaped_request(client: OpenAI, upstream: FakeUpstream) -> None:
     assert getattr(item, "namespace", None) == "multi_agent_v1"
     assert events[-1].type == "response.completed"
     assert wait_for_records(1)[0].outcome == "ok"
+    assert any(
+        "left out" in r.getMessage() and "web_search" in r.getMessage()
+        for r in gateway_logs.records
+    )
 
 
 @pytest.mark.parametrize(
