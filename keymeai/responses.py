@@ -44,9 +44,9 @@ ECHOED: dict[str, Any] = {
 
 def shell(body: dict[str, Any]) -> dict[str, Any]:
     """What the Response object repeats of its request."""
-    echoed = {name: body.get(name, default) for name, default in ECHOED.items()}
-    if body.get(name := "metadata") is None:
-        echoed[name] = {}
+    echoed = {
+        name: default if body.get(name) is None else body[name] for name, default in ECHOED.items()
+    }
     return {"model": body.get("model"), **echoed}
 
 

@@ -46,6 +46,11 @@ def usage_of(usage: Any) -> dict[str, Any] | None:
     }
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8, a lone surrogate (which a provider's JSON may escape) written as `?`."""
+    return text.encode(errors="replace")
+
+
 class ResponsesDialect:
     """One Responses request's answer. `shell` is the Response object's echo of the
     request (model, instructions, tools, ...); `names` maps flattened tool names back to
@@ -96,7 +101,7 @@ class ResponsesDialect:
             output.append(item)
         self.finish_reason = choice.get("finish_reason")
         self.response["usage"] = usage_of(completion.get("usage"))
-        return json.dumps(self._end(), ensure_ascii=False).encode()
+        return _utf8(json.dumps(self._end(), ensure_ascii=False))
 
     # -- stream -----------------------------------------------------------------
 
@@ -275,4 +280,4 @@ class ResponsesDialect:
     def _sse(self, kind: str, **data: Any) -> bytes:
         payload = {"type": kind, "sequence_number": self.sequence, **data}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n".encode()
+        return _utf8(f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n")
