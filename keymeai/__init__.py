@@ -39,6 +39,7 @@ def create_app(config: Config | None = None) -> Flask:
         ops,
         pages,
         replay,
+        responses,  # noqa: F401  (its views join the API's blueprint)
         standing,
     )
     from .auth import KeyCache

@@ -110,6 +110,11 @@ class MeteringSettings:
 
 
 @dataclass(frozen=True)
+class ResponsesSettings:
+    retention_days: int = 30  # stored Responses API answers are pruned after this
+
+
+@dataclass(frozen=True)
 class RoutingSettings:
     failure_threshold: int = 3
     cooldown_seconds: float = 30.0
@@ -127,6 +132,7 @@ class Config:
     models: Mapping[str, Model]
     admin_token: str | None = field(repr=False, default=None)
     metering: MeteringSettings = MeteringSettings()
+    responses: ResponsesSettings = ResponsesSettings()
     source: str = "<mapping>"
 
     @functools.cached_property
@@ -219,6 +225,10 @@ def parse_config(
     metering = MeteringSettings(journal_dir=ms.take("journal_dir", str, ""))
     ms.done()
 
+    rp = root.section("responses")
+    responses = ResponsesSettings(retention_days=rp.integer("retention_days", 30))
+    rp.done()
+
     rs = root.section("routing")
     routing = RoutingSettings(
         failure_threshold=rs.integer("failure_threshold", 3),
@@ -238,6 +248,7 @@ def parse_config(
         quota=quota,
         routing=routing,
         metering=metering,
+        responses=responses,
         tiers=tiers,
         providers=providers,
         models=models,

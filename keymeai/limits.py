@@ -38,8 +38,11 @@ from .keys import KeyInfo
 log = logging.getLogger(__name__)
 
 CHAT_ENDPOINT = "api.chat_completions"
-# The endpoints that call a model: they answer with the request limit's and quota's headers.
-MODEL_ENDPOINTS = frozenset([CHAT_ENDPOINT, "api.messages", "api.embeddings"])
+# The endpoints that call a model (keymeai.unconfigured refuses one without a provider key
+# before the request limit counts).
+MODEL_ENDPOINTS = frozenset(
+    [CHAT_ENDPOINT, "api.messages", "api.embeddings", "api.create_response"]
+)
 STRATEGY = "keymeai-fixed-window"
 # Redis answers in well under a millisecond; a Redis that stops answering must not hold
 # requests (or threads) for long. Errors are raised as limits' StorageError.

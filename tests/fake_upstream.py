@@ -13,7 +13,9 @@ exact in float32; usage counts the words of the inputs, as prompt and total toke
 Per-request knobs come from a ``"fake"`` object in the JSON body: ``words``,
 ``interval``, ``cached``, ``reasoning_words``, ``first_delay``, ``usage_early`` (a stream
 also reports its usage right after its first chunk, as for an answer billed up front),
-``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s).
+``held`` (the answer waits until the test calls ``release()``, at most HELD_LIMIT s),
+``tool_call`` (``{"name", "arguments"}``: the answer is that function call, id
+``call_fake1``, no text).
 A request that forces a tool (``tool_choice`` ``required`` or a named function) gets a
 call of it (the first tool for ``required``) with the arguments ``{"echo": <answer>}``,
 streamed in fragments, and ``finish_reason`` ``tool_calls``.
@@ -206,6 +208,11 @@ class _Reply:
         prompt = sum(len(_text_of(m.get("content")).split()) + 3 for m in msgs)
         prompt += _schema_tokens(body)
         cached = max(0, min(int(knobs.get("cached", 0)), prompt))
+        call = knobs.get("tool_call")
+        if isinstance(call, dict):
+            name, arguments = str(call.get("name")), str(call.get("arguments", "{}"))
+            call = {"id": "call_fake1", "name": name, "arguments": arguments}
+            return cls([], reasoning, prompt, cached, "tool_calls", call)
         tool = _forced_tool(body)
         if tool is None:
             return cls(words, reasoning, prompt, cached, finish)

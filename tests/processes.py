@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.support import PROVIDER_ENV, ROOT, write_toml
 
@@ -53,3 +56,22 @@ def run_together(
         stdout, stderr = process.communicate(timeout=timeout)
         results.append(subprocess.CompletedProcess(command, process.returncode, stdout, stderr))
     return results
+
+
+def agent_cli(name: str, variable: str) -> str:
+    """The path of a coding agent's CLI (Claude Code, Codex CLI) for its end-to-end test:
+    `variable` from the environment, `name` on PATH, or the npm install that .ci/run keeps
+    in ~/.cache/keymeai/<name>. Without one the test is skipped, except in CI
+    (KEYMEAI_REQUIRE_SERVICES=1), where it fails."""
+    cached = Path.home() / ".cache/keymeai" / name / "node_modules/.bin" / name
+    found = (
+        os.environ.get(variable) or shutil.which(name) or (str(cached) if cached.exists() else None)
+    )
+    if found:
+        return found
+    missing = (
+        f"{name} is not installed (npm install --prefix {cached.parents[2]} ..., or set {variable})"
+    )
+    if os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{missing}; CI requires it (KEYMEAI_REQUIRE_SERVICES=1)")
+    pytest.skip(missing)

@@ -3,7 +3,7 @@
 Claude Code is an npm package with a native binary (~235 MB), kept out of the repository
 and the venv: install it once into a cache directory (.ci/run does; 4-8 s),
 
-    npm install --prefix ~/.cache/keymeai/claude-code @anthropic-ai/claude-code@2.1.197
+    npm install --prefix ~/.cache/keymeai/claude @anthropic-ai/claude-code@2.1.197
 
 or point CLAUDE_CODE_BIN at a `claude` binary. Without one the test is skipped, except in
 CI (KEYMEAI_REQUIRE_SERVICES=1), where it fails. It runs against loopback only: HOME is a
@@ -13,17 +13,14 @@ fresh temp dir and the only server it can reach is the gateway; it takes ~3 s.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from keymeai import keys
+from tests.processes import agent_cli
 from tests.support import Gunicorn, wait_for_records
 
-CACHE_BIN = Path.home() / ".cache/keymeai/claude-code/node_modules/.bin/claude"
 # Every request Claude Code makes elsewhere (telemetry, updates, error reports) is off.
 QUIET = {
     "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
@@ -33,22 +30,10 @@ QUIET = {
 }
 
 
-def claude_binary() -> str | None:
-    found = os.environ.get("CLAUDE_CODE_BIN") or shutil.which("claude")
-    if found:
-        return found
-    return str(CACHE_BIN) if CACHE_BIN.exists() else None
-
-
 def test_claude_code_answers_through_the_gateway(
     start_gunicorn: Callable[..., Gunicorn], ledger: None, tmp_path: Path
 ) -> None:
-    binary = claude_binary()
-    if binary is None:
-        missing = "Claude Code is not installed (see this module's docstring)"
-        if os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{missing}; CI requires it (KEYMEAI_REQUIRE_SERVICES=1)")
-        pytest.skip(missing)
+    binary = agent_cli("claude", "CLAUDE_CODE_BIN")
     server = start_gunicorn()
     key = keys.create_key("claude-code", "standard")[1]
     home = tmp_path / "home"

@@ -23,6 +23,7 @@ ALL = [
     "0003_drop_usage_record_key_index",
     "0004_hardening",
     "0005_reservation_ids_never_reused",
+    "0006_stored_responses",
 ]
 
 
@@ -59,6 +60,7 @@ def test_upgrade_creates_the_schema_and_a_second_run_is_a_no_op(
             "usage_daily",
             "quota_reservation",
             "dashboard_session",
+            "stored_response",
         } <= set(database.get_tables())
     assert "usage_daily_day" in index_names(database, "usage_daily")
     assert "usage_record_record_id" in index_names(database, "usage_record")
