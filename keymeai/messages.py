@@ -9,7 +9,7 @@ same (errors take Anthropic's shape there: keymeai.errors). `anthropic-version` 
 
 `POST /v1/messages/count_tokens` answers the gateway's own estimate of the prompt, the
 one the quota reserves, without an upstream call. It is a POST on the blueprint, so it
-counts against the key's request limit like any other (in its own window): a client
+counts against the key's request limit like any other (the one window of all API POSTs): a client
 that floods it is limited, one that calls it before each message spends a request.
 """
 

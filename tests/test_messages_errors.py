@@ -135,8 +135,7 @@ def test_rate_limit_with_retry_after(
     assert error.body["error"]["type"] == "rate_limit_error"
     assert 0 < int(error.response.headers["Retry-After"]) <= 60
     assert len(wait_for_records(1)) == 1  # the refused request reached no provider
-    # count_tokens is limited too, in its own window.
-    client.messages.count_tokens(model="deepseek-chat", messages=HELLO)  # type: ignore[arg-type]
+    # count_tokens counts against the same request limit, so it is refused too.
     error = refused(
         lambda: client.messages.count_tokens(model="deepseek-chat", messages=HELLO),  # type: ignore[arg-type]
         anthropic.RateLimitError,
