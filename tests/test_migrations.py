@@ -22,6 +22,7 @@ ALL = [
     "0002_usage_daily_day_index",
     "0003_drop_usage_record_key_index",
     "0004_hardening",
+    "0005_signup",
 ]
 
 
@@ -58,6 +59,7 @@ def test_upgrade_creates_the_schema_and_a_second_run_is_a_no_op(
             "usage_daily",
             "quota_reservation",
             "dashboard_session",
+            "invite_code",
         } <= set(database.get_tables())
     assert "usage_daily_day" in index_names(database, "usage_daily")
     assert "usage_record_record_id" in index_names(database, "usage_record")
