@@ -175,4 +175,4 @@ def _count_open(settings: SignupSettings, client: str) -> None:
             int(per_address.get_expiry()),
         )
     if not strategy.hit(parse(f"{settings.per_day} per day"), "signup-open-day"):
-        raise Refusal(429, "Sign-up has reached its limit for today. Please try again tomorrow.", 3600)
+        raise Refusal(429, "Sign-up has reached its limit for today. Try again tomorrow.", 3600)
