@@ -31,6 +31,7 @@ def create_app(config: Config | None = None) -> Flask:
         cli,
         concurrency,
         dashboard,
+        dashboard_invites,  # noqa: F401  (its routes join the dashboard's blueprint)
         db,
         guesses,
         invites,

@@ -17,7 +17,7 @@ from keymeai import invites, keys
 from keymeai.db import connection
 from keymeai.ledger import InviteCode, utcnow
 from keymeai.signup import REFUSED_CODE
-from tests.browser_support import HI, Pages, field, screenshot
+from tests.browser_support import HI, Pages, field, screenshot, sign_in
 from tests.conftest import Gateway
 from tests.signup_support import Sink, post_form, shown_key, signup_gateway, smtp_sink
 from tests.support import free_port
@@ -209,3 +209,37 @@ def test_the_honeypot_is_off_screen_for_people(
     box = page.locator("#website").bounding_box()
     assert box is not None and box["x"] + box["width"] < 0
     screenshot(page, "signup")  # docs/signup.png
+
+
+def test_operators_make_and_revoke_codes_on_the_dashboard(
+    start_gateway: Start, config_data: dict[str, Any], pages: Pages
+) -> None:
+    gateway = signup_gateway(start_gateway, config_data, mode="invite")
+    admin = pages.open(javascript=False)
+    sign_in(admin, gateway)
+    admin.click("nav a:text-is('Invites')")
+    admin.select_option("#tier", "hobby")
+    admin.fill("#uses", "2")
+    admin.fill("#note", "Team Blue")
+    admin.click("text=Make a code")
+    code = admin.input_value("#code")
+    row = invites.find(code)
+    assert (row.tier, row.max_uses, row.note) == ("hobby", 2, "Team Blue")
+    line = admin.locator(f'tr[data-invite-id="{row.id}"]')
+    assert field(line, "status") == "active" and field(line, "uses") == "0 / 2"
+    screenshot(admin, "dashboard-invites")
+
+    customer = sign_up(pages, gateway, False, name="Dev", code=code)
+    made = keys.find_key(customer.input_value("#key"))
+    admin.goto(f"{gateway.url}/dashboard/keys/{made.id}")
+    assert field(admin, "origin") == f"sign-up (invite:{row.id}) from 127.0.0.1"
+    admin.click("text=Revoke this key")  # revocable like any other key
+    assert keys.find_key(str(made.id)).revoked_at is not None
+
+    admin.goto(f"{gateway.url}/dashboard/invites")
+    admin.locator(f'tr[data-invite-id="{row.id}"] button:text-is("Revoke")').click()
+    assert "is revoked" in admin.inner_text("p.notice")
+    assert field(admin.locator(f'tr[data-invite-id="{row.id}"]'), "status") == "revoked"
+    assert admin.locator("#code").count() == 0  # a code is shown once
+    refused = sign_up(pages, gateway, False, name="Late", code=code)
+    assert field(refused, "error") == REFUSED_CODE
