@@ -51,6 +51,10 @@ def check_note(value: str) -> str:
         raise ValueError(f"the note must be at most {MAX_NOTE_LENGTH} characters")
     if keys.CONTROL.search(value):
         raise ValueError("the note must not contain control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape
+        raise ValueError("the note must be valid Unicode text") from None
     return value.strip()
 
 

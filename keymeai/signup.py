@@ -20,6 +20,7 @@ import hmac
 import logging
 import re
 import secrets
+import time
 
 from flask import Blueprint, Flask, Response, abort, render_template, request, url_for
 from flask_limiter import Limiter
@@ -29,6 +30,7 @@ from limits import RateLimitItem, parse
 from . import gateway, invites, keys, mail, pages
 from .config import SignupSettings
 from .ledger import ApiKey
+from .limits import retry_after
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ ATTEMPT_LIMIT = "5 per minute"  # per client address, every post
 WRONG_CODES: RateLimitItem = parse("10 per hour")  # per client address
 COOKIE = "keymeai_signup"
 REFUSED_CODE = "That invite code is not valid."
-EMAIL = re.compile(r"[^@\s]{1,64}@([A-Za-z0-9.-]{1,253})")
+# An address fit for a header: the usual characters of a local part, a plain domain.
+EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@([A-Za-z0-9.-]{1,189})")
+MAX_ADDRESS = 64  # the ledger's origin_address column
 
 
 class Refusal(Exception):
@@ -105,7 +109,7 @@ def _form(token: str, error: str | None = None, status: int = 200, **shown: obje
 def _sign_up(token: str) -> Response:
     settings = _settings()
     form = request.form
-    client = get_remote_address()
+    client = get_remote_address()[:MAX_ADDRESS]  # a forwarded "address" can be any text
     if form.get("website", ""):  # the honeypot: hidden from people, filled in by bots
         log.warning("signup: honeypot filled", extra={"client": client})
         raise Refusal(400, "We could not process this sign-up.")
@@ -155,7 +159,8 @@ def _redeem(code: str, name: str, client: str, email: str | None) -> tuple[ApiKe
         raise Refusal(400, "Enter your invite code.")
     strategy = gateway.current().limiter.limiter
     if not strategy.test(WRONG_CODES, "signup-codes", client):
-        raise Refusal(429, f"Too many wrong codes from your address ({WRONG_CODES}).", 3600)
+        wait = _wait(WRONG_CODES, "signup-codes", client)
+        raise Refusal(429, f"Too many wrong codes from your address ({WRONG_CODES}).", wait)
     made = invites.redeem(code, name, client, email)
     if made is None:
         strategy.hit(WRONG_CODES, "signup-codes", client)
@@ -168,11 +173,22 @@ def _count_open(settings: SignupSettings, client: str) -> None:
     """Count an open sign-up against the address's and the day's limits."""
     strategy = gateway.current().limiter.limiter
     per_address = parse(settings.per_address)
+    per_day = parse(f"{settings.per_day} per day")
     if not strategy.hit(per_address, "signup-open", client):
         raise Refusal(
             429,
             f"Keys from your address are limited to {per_address}. Please try again later.",
-            int(per_address.get_expiry()),
+            _wait(per_address, "signup-open", client),
         )
-    if not strategy.hit(parse(f"{settings.per_day} per day"), "signup-open-day"):
-        raise Refusal(429, "Sign-up has reached its limit for today. Try again tomorrow.", 3600)
+    if not strategy.hit(per_day, "signup-open-day"):
+        raise Refusal(
+            429,
+            "Sign-up has reached its limit for today. Try again tomorrow.",
+            _wait(per_day, "signup-open-day"),
+        )
+
+
+def _wait(item: RateLimitItem, *identifiers: str) -> int:
+    """Seconds until a full window ends, for Retry-After."""
+    stats = gateway.current().limiter.limiter.get_window_stats(item, *identifiers)
+    return retry_after(stats.reset_time, time.time())

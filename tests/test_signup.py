@@ -243,3 +243,32 @@ def test_operators_make_and_revoke_codes_on_the_dashboard(
     assert admin.locator("#code").count() == 0  # a code is shown once
     refused = sign_up(pages, gateway, False, name="Late", code=code)
     assert field(refused, "error") == REFUSED_CODE
+
+
+def test_bad_fields_get_a_400_page_and_make_no_key(
+    start_gateway: Start, config_data: dict[str, Any], sink: Sink
+) -> None:
+    config_data["gateway"]["trusted_proxies"] = 1
+    gateway = signup_gateway(
+        start_gateway, config_data, env={"SMTP_URL": sink.url}, mode="open",
+        per_address="10 per day", email_domains=["example.com"],
+    )  # fmt: skip
+    for fields, words in [
+        ({"name": "", "email": "a@example.com"}, "must be a non-empty string"),
+        ({"name": "x" * 201, "email": "a@example.com"}, "at most 200"),
+        ({"name": "a\x07b", "email": "a@example.com"}, "control characters"),
+        ({"name": "Al", "email": "a\x00b@example.com"}, "example.com"),
+        ({"name": "Al", "email": "a@example.com\r\nBcc: x@evil.test"}, "example.com"),
+        ({"name": "Al", "email": "a@sub.example.com"}, "example.com"),
+    ]:
+        response = post_form(gateway, fields, {"X-Forwarded-For": f"192.0.2.{len(words)}"})
+        assert response.status_code == 400 and words in response.text, fields
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert keys.list_keys() == [] and sink.messages == []
+    long_address = "9" * 300  # whatever a trusted proxy forwards is stored within bounds
+    made = post_form(
+        gateway, {"name": "Al", "email": "al@EXAMPLE.com"}, {"X-Forwarded-For": long_address}
+    )
+    assert made.status_code == 200 and "al@EXAMPLE.com" in made.text
+    [key] = keys.list_keys()
+    assert key.origin_address == "9" * 64 and len(sink.messages) == 1
