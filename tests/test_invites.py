@@ -83,7 +83,7 @@ def test_admin_api_creates_lists_and_revokes_codes(start_gateway: Callable[..., 
         ({"tier": "free", "max_uses": True}, "max_uses"),
         ({"tier": "free", "expires_at": "yesterday"}, "expires_at"),
         ({"tier": "free", "note": "a\nb"}, "note"),
-        ({"tier": "free", "note": "\ud800"}, "note"),
+        ({"tier": "free", "note": "\ud800"}, None),  # refused by the JSON parser
         ({"tier": "free", "note": 5}, "note"),
         ({"tier": "free", "code": "mine"}, None),
     ]:
