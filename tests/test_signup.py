@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,14 @@ from keymeai.ledger import InviteCode, utcnow
 from keymeai.signup import REFUSED_CODE
 from tests.browser_support import HI, Pages, field, screenshot, sign_in
 from tests.conftest import Gateway
-from tests.signup_support import Sink, post_form, shown_key, signup_gateway, smtp_sink
+from tests.signup_support import (
+    Sink,
+    post_form,
+    self_signed,
+    shown_key,
+    signup_gateway,
+    smtp_sink,
+)
 from tests.support import free_port
 
 Start = Callable[..., Gateway]
@@ -234,6 +242,7 @@ def test_operators_make_and_revoke_codes_on_the_dashboard(
     admin.goto(f"{gateway.url}/dashboard/keys/{made.id}")
     assert field(admin, "origin") == f"sign-up (invite:{row.id}) from 127.0.0.1"
     admin.click("text=Revoke this key")  # revocable like any other key
+    assert "revoked" in admin.inner_text("p.notice")
     assert keys.find_key(str(made.id)).revoked_at is not None
 
     admin.goto(f"{gateway.url}/dashboard/invites")
@@ -272,3 +281,29 @@ def test_bad_fields_get_a_400_page_and_make_no_key(
     assert made.status_code == 200 and "al@EXAMPLE.com" in made.text
     [key] = keys.list_keys()
     assert key.origin_address == "9" * 64 and len(sink.messages) == 1
+
+
+def test_the_mail_goes_over_starttls_with_the_login_and_never_logs_in_without_it(
+    start_gateway: Start, config_data: dict[str, Any], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, sink: Sink,
+) -> None:  # fmt: skip
+    cert = self_signed(tmp_path)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))  # trust the sink's certificate
+    for tls_sink in smtp_sink(cert):
+        url = f"smtp://ada%40team:s%3Acret@127.0.0.1:{tls_sink.port}"
+        gateway = signup_gateway(
+            start_gateway, config_data, env={"SMTP_URL": url}, mode="open",
+            email_domains=["example.com"],
+        )  # fmt: skip
+        sent = post_form(gateway, {"name": "Tess", "email": "tess@example.com"})
+        assert sent.status_code == 200, sent.text
+        assert tls_sink.logins == [(b"ada@team", b"s:cret")] and tls_sink.tls_sessions == [True]
+        assert tls_sink.messages[0][1]["To"] == "tess@example.com"
+
+    plain = signup_gateway(
+        start_gateway, config_data, env={"SMTP_URL": f"smtp://ada:secret@127.0.0.1:{sink.port}"},
+        mode="open", email_domains=["example.com"],
+    )  # fmt: skip
+    refused = post_form(plain, {"name": "Tess", "email": "tess@example.com"})
+    assert refused.status_code == 503 and sink.messages == []  # no password in clear
+    assert [k.revoked_at is not None for k in keys.list_keys()] == [False, True]
