@@ -16,7 +16,7 @@ from keymeai.ledger import InviteCode, utcnow
 from keymeai.tables import ConfigError
 from tests.billing_support import Admin, admin_gateway, openai_error
 from tests.conftest import Gateway
-from tests.processes import cli_env, flask_cli
+from tests.processes import cli_env, flask_cli, start_flask
 from tests.support import PROVIDER_ENV
 
 
@@ -49,13 +49,15 @@ def test_cli_create_list_revoke_and_keys_list_shows_the_origin(
     assert invites.status(invites.find(code), utcnow()) == "revoked"
     assert invites.redeem(code, "Eve", "192.0.2.1", None) is None
 
-    for args, words in [
-        (["create", "--tier", "gold"], "unknown tier"),
-        (["create", "--tier", "free", "--uses", "0"], "--uses"),
-        (["revoke", "inv-nothing"], "no invite code"),
-    ]:
-        refused = flask_cli(env, "invites", *args)
-        assert refused.returncode != 0 and words in refused.stderr, refused.stderr
+    mistakes = {
+        "unknown tier": ["create", "--tier", "gold"],
+        "--uses": ["create", "--tier", "free", "--uses", "0"],
+        "no invite code": ["revoke", "inv-nothing"],
+    }
+    running = {words: start_flask(env, "invites", *args) for words, args in mistakes.items()}
+    for words, process in running.items():  # run together: each command takes a second
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode != 0 and words in stderr, stderr
 
 
 def test_admin_api_creates_lists_and_revokes_codes(start_gateway: Callable[..., Gateway]) -> None:
