@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from keymeai import invites
+from keymeai import invites, keys
 from keymeai.config import parse_config
 from keymeai.db import connection
 from keymeai.ledger import InviteCode, utcnow
@@ -115,3 +116,13 @@ def test_bad_signup_settings_stop_start_up(
     config_data["signup"] = signup
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         parse_config(config_data, {**PROVIDER_ENV, **env})
+
+
+@pytest.mark.both_databases
+def test_concurrent_sign_ups_cannot_pass_the_bound(ledger: None) -> None:
+    row, code = invites.create("free", max_uses=3)
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda n: invites.redeem(code, f"n{n}", "192.0.2.1", None), range(8)))
+    assert sum(result is not None for result in made) == 3
+    assert invites.find(str(row.id)).uses == 3 and len(keys.list_keys()) == 3
+    assert {key.origin for key in keys.list_keys()} == {f"invite:{row.id}"}
