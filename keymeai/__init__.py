@@ -31,8 +31,10 @@ def create_app(config: Config | None = None) -> Flask:
         cli,
         concurrency,
         dashboard,
+        dashboard_invites,  # noqa: F401  (its routes join the dashboard's blueprint)
         db,
         guesses,
+        invites,
         journal,
         limits,
         logs,
@@ -40,6 +42,7 @@ def create_app(config: Config | None = None) -> Flask:
         pages,
         replay,
         responses,  # noqa: F401  (its views join the API's blueprint)
+        signup,
         standing,
     )
     from .auth import KeyCache
@@ -76,12 +79,14 @@ def create_app(config: Config | None = None) -> Flask:
     api.init_app(app, limiter)  # before the limiter's hooks: they need the request's key
     app.register_blueprint(standing.bp)
     app.register_blueprint(admin.bp)
+    app.register_blueprint(invites.bp)
     limits.init_app(app, limiter)
     guesses.init_app(app, limiter, fail_open=config.ratelimit.on_storage_error == "allow")
     concurrency.init_app(app, config, limiter)
     pages.init_app(app)
     dashboard.init_app(app, config, limiter)
     account.init_app(app, limiter)
+    signup.init_app(app, limiter)
     router = Router(config)
     logs.REDACT.add(router.scrub)  # no log line carries a provider's key or address
     app.extensions["keymeai"] = Gateway(

@@ -51,13 +51,13 @@ def require_admin() -> None:
     require_admin_token(token)
 
 
-def _json(body: Any, status: int = 200) -> Response:
+def json_response(body: Any, status: int = 200) -> Response:
     """JSON with the fields in the order written (Flask's provider would sort them), and
     non-ASCII text escaped: whatever a name holds, the response can be encoded."""
     return Response(json.dumps(body), status, mimetype="application/json")
 
 
-def _iso(moment: dt.datetime | None) -> str | None:
+def iso(moment: dt.datetime | None) -> str | None:
     return None if moment is None else moment.isoformat(timespec="seconds") + "Z"
 
 
@@ -70,14 +70,16 @@ def key_object(row: ApiKey, now: dt.datetime) -> dict[str, Any]:
         "prefix": row.prefix,
         "tier": row.tier,
         "status": keys.key_status(row, now),
-        "created_at": _iso(row.created_at),
-        "expires_at": _iso(row.expires_at),
-        "revoked_at": _iso(row.revoked_at),
+        "created_at": iso(row.created_at),
+        "expires_at": iso(row.expires_at),
+        "revoked_at": iso(row.revoked_at),
         "allowed_models": keys.split_models(row.allowed_models),
         "requests": row.request_limits.split(";") if row.request_limits else None,
         "tokens_per_month": row.tokens_per_month,
         "spend_cap": format_usd(row.spend_cap_units) if row.spend_cap_units is not None else None,
         "max_concurrent": row.max_concurrent,
+        "origin": row.origin,  # "invite:<id>" or "open" for a sign-up; null for an operator's
+        "origin_address": row.origin_address,
     }
 
 
@@ -85,7 +87,7 @@ def key_object(row: ApiKey, now: dt.datetime) -> dict[str, Any]:
 # bad value is a 400 naming the field.
 
 
-def _echo(text: str) -> str:
+def echo(text: str) -> str:
     """A client's text fit to quote in an error: short, and encodable (a lone surrogate
     from a JSON escape would break the response)."""
     return text[:MAX_ECHO].encode("utf-8", "replace").decode("utf-8")
@@ -100,7 +102,7 @@ def _name(value: Any) -> str:
         raise invalid(str(exc), "name") from None
 
 
-def _tier(value: Any) -> str:
+def parse_tier(value: Any) -> str:
     tiers = gateway.current().config.tiers
     if not isinstance(value, str) or value not in tiers:
         shown = repr(value)[:MAX_ECHO] if isinstance(value, str) else type(value).__name__
@@ -108,7 +110,7 @@ def _tier(value: Any) -> str:
     return value
 
 
-def _expires_at(value: Any) -> dt.datetime | None:
+def parse_expires_at(value: Any) -> dt.datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
@@ -193,8 +195,8 @@ def _max_concurrent(value: Any) -> int | None:
 
 SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "name": ("name", _name),
-    "tier": ("tier", _tier),
-    "expires_at": ("expires_at", _expires_at),
+    "tier": ("tier", parse_tier),
+    "expires_at": ("expires_at", parse_expires_at),
     "allowed_models": ("allowed_models", _allowed_models),
     "requests": ("request_limits", _requests),
     "tokens_per_month": ("tokens_per_month", _tokens_per_month),
@@ -208,7 +210,7 @@ def parse_settings(body: Mapping[str, Any], required: tuple[str, ...] = ()) -> d
     """The ledger columns a request body sets; 400 for an unknown or invalid field."""
     for name in body:
         if name not in SETTINGS:
-            raise invalid(f"Unrecognized request argument supplied: {_echo(name)}", _echo(name))
+            raise invalid(f"Unrecognized request argument supplied: {echo(name)}", echo(name))
     for name in required:
         if name not in body:
             raise invalid(f"you must provide a {name} parameter", name)
@@ -219,7 +221,7 @@ def parse_settings(body: Mapping[str, Any], required: tuple[str, ...] = ()) -> d
     return changes
 
 
-def _body() -> dict[str, Any]:
+def body() -> dict[str, Any]:
     return parse_json_body(request.get_data(cache=False), request.content_type)
 
 
@@ -250,11 +252,11 @@ def note_change(row: ApiKey, action: str, fields: list[str]) -> None:
 @bp.post("/keys")
 def create_key() -> Response:
     """Create a key; the response is the only place the plain key ever appears."""
-    settings = parse_settings(_body(), REQUIRED_ON_CREATE)
+    settings = parse_settings(body(), REQUIRED_ON_CREATE)
     name, tier = settings.pop("name"), settings.pop("tier")
     row, plain = keys.create_key(name, tier, **settings)
     note_change(row, "created", sorted(settings))
-    response = _json({**key_object(row, utcnow()), "key": plain}, 201)
+    response = json_response({**key_object(row, utcnow()), "key": plain}, 201)
     response.headers["Location"] = url_for(".get_key", ref=row.id)
     response.headers["Cache-Control"] = "no-store"
     return response
@@ -263,23 +265,25 @@ def create_key() -> Response:
 @bp.get("/keys")
 def list_keys() -> Response:
     now = utcnow()
-    return _json({"object": "list", "data": [key_object(row, now) for row in keys.list_keys()]})
+    return json_response(
+        {"object": "list", "data": [key_object(row, now) for row in keys.list_keys()]}
+    )
 
 
 @bp.get("/keys/<ref>")
 def get_key(ref: str) -> Response:
-    return _json(key_object(_find(ref), utcnow()))
+    return json_response(key_object(_find(ref), utcnow()))
 
 
 @bp.patch("/keys/<ref>")
 def update_key(ref: str) -> Response:
     """Change any of the creation fields; null clears an optional one."""
     row = _find(ref)
-    changes = parse_settings(_body())
+    changes = parse_settings(body())
     if changes:
         row = keys.update_key(row, **changes)
         note_change(row, "updated", sorted(changes))
-    return _json(key_object(row, utcnow()))
+    return json_response(key_object(row, utcnow()))
 
 
 @bp.post("/keys/<ref>/revoke")
@@ -288,7 +292,7 @@ def revoke_key(ref: str) -> Response:
     """Revoke (idempotent). DELETE revokes too: the key's usage stays for billing."""
     row = keys.revoke_key(_find(ref))
     note_change(row, "revoked", [])
-    return _json(key_object(row, utcnow()))
+    return json_response(key_object(row, utcnow()))
 
 
 @bp.get("/usage")
@@ -298,8 +302,8 @@ def usage() -> Response:
     for name in args:
         if name not in USAGE_PARAMS:
             raise invalid(
-                f"Unknown query parameter {_echo(name)!r} (known: {', '.join(USAGE_PARAMS)})",
-                _echo(name),
+                f"Unknown query parameter {echo(name)!r} (known: {', '.join(USAGE_PARAMS)})",
+                echo(name),
             )
     try:
         month = reports.parse_month(args["month"]) if "month" in args else None
@@ -322,7 +326,7 @@ def usage() -> Response:
             mimetype="text/csv",
             headers={"Content-Disposition": f'attachment; filename="{filename}"'},
         )
-    return _json(
+    return json_response(
         {
             "object": "list",
             "month": f"{month:%Y-%m}",

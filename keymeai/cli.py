@@ -10,7 +10,7 @@ import click
 from flask import Flask
 from flask.cli import AppGroup
 
-from . import db, gateway, keys, reports
+from . import db, gateway, invites, keys, reports
 from .billing import format_usd, parse_usd
 from .concurrency import MAX_CONCURRENT
 from .config import ConfigError, validate_limits
@@ -20,11 +20,12 @@ from .ledger import ApiKey, utcnow
 keys_cli = AppGroup("keys", help="Create, list and manage customer API keys.")
 usage_cli = AppGroup("usage", help="Usage and cost reports.")
 db_cli = AppGroup("db", help="Ledger schema.")
+invites_cli = AppGroup("invites", help="Invite codes for sign-up at /signup.")
 MAX_BIGINT = 2**63  # the ledger's BIGINT columns
 
 
 def init_app(app: Flask) -> None:
-    for group in (keys_cli, usage_cli, db_cli):
+    for group in (keys_cli, usage_cli, db_cli, invites_cli):
         app.cli.add_command(group)
     app.cli.add_command(info)
 
@@ -101,7 +102,18 @@ def list_keys() -> None:
     rows = keys.list_keys()
     now = utcnow()
     table = [
-        ("key_id", "prefix", "name", "tier", "status", "created", "expires", "limits", "models")
+        (
+            "key_id",
+            "prefix",
+            "name",
+            "tier",
+            "status",
+            "created",
+            "expires",
+            "limits",
+            "models",
+            "origin",
+        )
     ]
     for row in rows:
         limits = row.request_limits or ""
@@ -122,6 +134,7 @@ def list_keys() -> None:
                 f"{row.expires_at:%Y-%m-%d %H:%M}" if row.expires_at else "",
                 limits,
                 row.allowed_models or "all",
+                f"{row.origin} from {row.origin_address}" if row.origin else "operator",
             )
         )
     _print_table(table)
@@ -282,6 +295,63 @@ def usage_report(month: str | None, key_ref: str | None, by: str, fmt: str) -> N
         click.echo(reports.to_csv(rows, by), nl=False)
     else:
         _print_table(reports.to_text_rows(rows, by))
+
+
+def _note(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        return invites.check_note(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@invites_cli.command("create")
+@click.option("--tier", required=True, help="The tier of the keys the code makes.")
+@click.option(
+    "--uses",
+    type=click.IntRange(min=1, max=invites.MAX_USES),
+    help="How many keys the code makes at most (default: no bound).",
+)
+@click.option("--expires", callback=_expiry, metavar="WHEN", help="Expiry: ISO 8601, UTC.")
+@click.option("--note", default="", callback=_note, help="Whom the code is for.")
+def create_invite(tier: str, uses: int | None, expires: dt.datetime | None, note: str) -> None:
+    """Make an invite code; the code itself is printed once, alone on the last line."""
+    row, plain = invites.create(_tier_choice(tier), uses, expires, note)
+    bound = f"{uses} uses" if uses else "unbounded uses"
+    click.echo(f"Created invite {row.id} ({row.prefix}) for tier {tier}, {bound}.")
+    click.echo("Store it now: it cannot be shown again.")
+    click.echo(plain)
+
+
+@invites_cli.command("list")
+def list_invites() -> None:
+    """List invite codes (never the codes themselves: only their prefixes)."""
+    now = utcnow()
+    table = [("id", "prefix", "tier", "uses", "status", "created", "expires", "note")]
+    for row in invites.list_all():
+        table.append(
+            (
+                str(row.id),
+                row.prefix,
+                row.tier,
+                f"{row.uses}/{row.max_uses}" if row.max_uses else str(row.uses),
+                invites.status(row, now),
+                f"{row.created_at:%Y-%m-%d %H:%M}",
+                f"{row.expires_at:%Y-%m-%d %H:%M}" if row.expires_at else "",
+                row.note,
+            )
+        )
+    _print_table(table)
+
+
+@invites_cli.command("revoke")
+@click.argument("code")
+def revoke_invite(code: str) -> None:
+    """Revoke CODE (its id, prefix or the code): it makes no more keys."""
+    try:
+        row = invites.revoke(invites.find(code))
+    except invites.UnknownInvite as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"Revoked invite {row.id} ({row.prefix}); keys it made stay valid.")
 
 
 @db_cli.command("upgrade")

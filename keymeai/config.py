@@ -121,6 +121,21 @@ class RoutingSettings:
 
 
 @dataclass(frozen=True)
+class SignupSettings:
+    """Self-service sign-up at /signup (keymeai.signup)."""
+
+    mode: str = "off"  # "off" | "invite" | "open"
+    tier: str = "free"  # the tier of keys made in open mode
+    per_address: str = "3 per day"  # open-mode keys per client address
+    per_day: int = 100  # open-mode keys per day in all
+    email_domains: tuple[str, ...] = ()  # non-empty: ask for an e-mail, mail the key
+    smtp_url: str = field(repr=False, default="")  # SMTP_URL
+
+
+SIGNUP_MODES = ("off", "invite", "open")
+
+
+@dataclass(frozen=True)
 class Config:
     database_url: str
     gateway: GatewaySettings
@@ -133,6 +148,7 @@ class Config:
     admin_token: str | None = field(repr=False, default=None)
     metering: MeteringSettings = MeteringSettings()
     responses: ResponsesSettings = ResponsesSettings()
+    signup: SignupSettings = SignupSettings()
     source: str = "<mapping>"
 
     @functools.cached_property
@@ -239,6 +255,7 @@ def parse_config(
     tiers = _parse_tiers(root.section("tiers"))
     providers = _parse_providers(root.section("providers"), environ)
     models = _parse_models(root.section("models"), providers)
+    signup = _parse_signup(root.section("signup"), tiers, environ)
     root.done()
 
     return Config(
@@ -249,11 +266,44 @@ def parse_config(
         routing=routing,
         metering=metering,
         responses=responses,
+        signup=signup,
         tiers=tiers,
         providers=providers,
         models=models,
         admin_token=environ.get("KEYMEAI_ADMIN_TOKEN") or None,
         source=source,
+    )
+
+
+def _parse_signup(
+    section: Section, tiers: Mapping[str, Tier], environ: Mapping[str, str]
+) -> SignupSettings:
+    mode = section.take("mode", str, "off")
+    if mode not in SIGNUP_MODES:
+        raise ConfigError('signup.mode: must be "off", "invite" or "open"')
+    tier = section.take("tier", str, "free")
+    if mode == "open" and tier not in tiers:
+        raise ConfigError(f"signup.tier: unknown tier {tier!r} (configured: {', '.join(tiers)})")
+    per_address = validate_limits(
+        [section.take("per_address", str, "3 per day")], "signup.per_address"
+    )[0]
+    per_day = section.integer("per_day", 100)
+    domains = section.take("email_domains", list, [])
+    if not all(isinstance(d, str) and d.strip() and "@" not in d for d in domains):
+        raise ConfigError('signup.email_domains: expected domain names, e.g. ["example.com"]')
+    section.done()
+    smtp_url = environ.get("SMTP_URL", "")
+    if domains and mode != "off" and urlsplit(smtp_url).scheme != "smtp":
+        raise ConfigError(
+            "signup.email_domains: set SMTP_URL (smtp://user:pass@host:port) to mail keys"
+        )
+    return SignupSettings(
+        mode=mode,
+        tier=tier,
+        per_address=per_address,
+        per_day=per_day,
+        email_domains=tuple(d.strip().lower().lstrip(".") for d in domains),
+        smtp_url=smtp_url,
     )
 
 

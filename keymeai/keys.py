@@ -23,7 +23,7 @@ MAX_ID = 2**63 - 1
 MODEL_SEPARATOR = ","  # `allowed_models` is stored as one ","-joined text
 MAX_NAME_LENGTH = 200  # the ledger's column
 # C0 controls, DEL and C1 controls (Unicode's Cc): a name is shown in tables, pages, logs.
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 EXPIRY_FORMAT = (
     "an ISO 8601 date or time (UTC unless an offset is given), "
     'e.g. "2027-01-31" or "2027-01-31T12:00:00Z"'
@@ -80,7 +80,7 @@ def check_name(value: str, label: str = "name") -> str:
         raise ValueError(f"{label} must be a non-empty string")
     if len(value) > MAX_NAME_LENGTH:
         raise ValueError(f"{label} must be at most {MAX_NAME_LENGTH} characters")
-    if _CONTROL.search(value):
+    if CONTROL.search(value):
         raise ValueError(f"{label} must not contain control characters")
     try:
         value.encode("utf-8")

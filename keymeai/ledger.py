@@ -53,6 +53,9 @@ class ApiKey(BaseModel):
     created_at = DateTimeField(default=utcnow)
     expires_at = DateTimeField(null=True)
     revoked_at = DateTimeField(null=True)
+    origin = CharField(max_length=32, null=True)  # "invite:<id>", "open"; NULL: an operator's
+    origin_address = CharField(max_length=64, null=True)  # the sign-up's client address
+    origin_email = CharField(max_length=254, null=True)  # where sign-up mailed the key
 
 
 class UsageRecord(BaseModel):
@@ -120,3 +123,17 @@ class DashboardSession(BaseModel):
     token_hash = CharField(max_length=64, unique=True)
     created_at = DateTimeField(default=utcnow)
     last_seen_at = DateTimeField(default=utcnow)
+
+
+class InviteCode(BaseModel):
+    """A sign-up invite: only its SHA-256 is kept; `prefix` is what operators see."""
+
+    code_hash = CharField(max_length=64, unique=True)
+    prefix = CharField(max_length=16)
+    tier = CharField(max_length=64)
+    max_uses = IntegerField(null=True)  # NULL: no bound
+    uses = IntegerField(default=0)
+    note = CharField(max_length=200, default="")
+    created_at = DateTimeField(default=utcnow)
+    expires_at = DateTimeField(null=True)
+    revoked_at = DateTimeField(null=True)

@@ -25,7 +25,7 @@ from .limits import retry_after
 from .quota import format_usd
 from .reports import Totals, month_range
 
-PREFIXES = ("/dashboard", "/account")
+PREFIXES = ("/dashboard", "/account", "/signup")
 PAGE_ARGS = ("month", "models", "keys")  # the query parameters the pages read
 MAX_FORM_BYTES = 16 * 1024  # a token, a key or a tier: no form needs more
 SECURITY_HEADERS = {

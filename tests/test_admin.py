@@ -111,6 +111,8 @@ def test_create_show_list_change_and_revoke_a_key(admin: tuple[Gateway, Admin]) 
         "tokens_per_month": 1_000_000,
         "spend_cap": "25.50",
         "max_concurrent": 4,
+        "origin": None,
+        "origin_address": None,
     }
     assert abs(dt.datetime.fromisoformat(created["created_at"][:-1]) - utcnow()).seconds < 60
 

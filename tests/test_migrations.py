@@ -24,6 +24,7 @@ ALL = [
     "0004_hardening",
     "0005_reservation_ids_never_reused",
     "0006_stored_responses",
+    "0007_signup",
 ]
 
 
@@ -61,6 +62,7 @@ def test_upgrade_creates_the_schema_and_a_second_run_is_a_no_op(
             "quota_reservation",
             "dashboard_session",
             "stored_response",
+            "invite_code",
         } <= set(database.get_tables())
     assert "usage_daily_day" in index_names(database, "usage_daily")
     assert "usage_record_record_id" in index_names(database, "usage_record")
