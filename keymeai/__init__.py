@@ -73,7 +73,7 @@ def create_app(config: Config | None = None) -> Flask:
     )
     replay.recover(journal_dir)  # what a killed worker of an earlier run left
 
-    register_error_handlers(app)
+    register_error_handlers(app, pages.is_page, pages.error_page)
     ops.init_app(app)
     limiter = limits.create(config)
     api.init_app(app, limiter)  # before the limiter's hooks: they need the request's key

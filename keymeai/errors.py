@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from flask import Flask, Response, g, has_request_context, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
 log = logging.getLogger(__name__)
+
+# How the HTML pages answer an error: (status, message, headers) -> a page.
+ErrorPage = Callable[[int, str, Mapping[str, str]], Response]
 
 # Werkzeug's own errors (routing, body size, methods) and what the client reads.
 _HTTP_MESSAGES = {
@@ -124,10 +128,29 @@ def server_error(message: str = "The server had an error processing your request
     return ApiError(500, message, type="server_error")
 
 
-def register_error_handlers(app: Flask) -> None:
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def retry_after(reset_at: float, now: float) -> int:
+    """Whole seconds until `reset_at` (epoch), rounded up, at least 1."""
+    return max(1, math.ceil(reset_at - now))
+
+
+def register_error_handlers(app: Flask, is_page: Callable[[], bool], error_page: ErrorPage) -> None:
     """Answer every error, expected or not, in OpenAI's shape; on the HTML pages
-    (/dashboard, /account) as an HTML page with the same status and message."""
-    from .pages import error_page, is_page  # the pages' module imports this one
+    (`is_page`: /dashboard, /account, /signup) as `error_page` renders it, with the same
+    status and message."""
 
     def answer(error: ApiError) -> Response:
         if is_page():

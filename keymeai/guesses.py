@@ -30,8 +30,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import FixedWindowRateLimiter, RateLimiter
 
 from . import metrics
-from .errors import ApiError
-from .limits import retry_after
+from .errors import ApiError, retry_after
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ has no switch for it), and the decorator then evaluates again.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from typing import Any
@@ -32,7 +31,7 @@ from limits.util import WindowStats
 
 from . import metrics
 from .config import Config, RateLimitSettings, Tier
-from .errors import ApiError
+from .errors import ApiError, format_duration, retry_after
 from .keys import KeyInfo
 
 log = logging.getLogger(__name__)
@@ -137,25 +136,6 @@ def current_windows(limiter: Limiter) -> list[tuple[RateLimitItem, WindowStats]]
     return [
         (item, limiter.limiter.get_window_stats(item, limit_key(), CHAT_ENDPOINT)) for item in items
     ]
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's reset format: "20ms", "1s", "6m0s", "1h2m3s"."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"
-
-
-def retry_after(reset_at: float, now: float) -> int:
-    """Whole seconds until `reset_at` (epoch), rounded up, at least 1."""
-    return max(1, math.ceil(reset_at - now))
 
 
 def storage_options(settings: RateLimitSettings) -> dict[str, Any]:

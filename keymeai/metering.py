@@ -29,10 +29,10 @@ from .db import connection, db, write_transaction
 from .keys import KeyInfo
 from .ledger import UsageRecord, utcnow
 from .tokens import delta_text, estimate_tenths, tokens
-from .validation import ChatRequest
 
 if TYPE_CHECKING:
     from .journal import Journal
+    from .validation import ChatRequest
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,7 +23,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .billing import Usage
+if TYPE_CHECKING:
+    from .billing import Usage
+
 
 _HTTP_STATUS = re.compile(r"HTTP ([1-5][0-9][0-9])\b")
 

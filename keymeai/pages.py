@@ -21,7 +21,7 @@ from limits.errors import StorageError
 from werkzeug.http import HTTP_STATUS_CODES
 
 from . import gateway
-from .limits import retry_after
+from .errors import retry_after
 from .quota import format_usd
 from .reports import Totals, month_range
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peewee import fn
 
@@ -24,12 +24,13 @@ from . import metrics
 from .billing import MAX_UNITS, Usage, cost_units, format_usd, month_bounds
 from .config import QuotaSettings, Tier
 from .db import connection, is_sqlite, write_transaction
-from .errors import ApiError
+from .errors import ApiError, format_duration
 from .journal import catch_up
 from .keys import KeyInfo
 from .ledger import ApiKey, QuotaReservation, UsageDaily, utcnow
-from .limits import format_duration
-from .validation import ChatRequest
+
+if TYPE_CHECKING:
+    from .validation import ChatRequest
 
 # No hold is larger (about $900,000 or 9e15 tokens): the sum of a key's holds and its
 # month stay far inside the ledger's 64-bit integers whatever a request asks for.

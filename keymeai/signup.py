@@ -29,8 +29,8 @@ from limits import RateLimitItem, parse
 
 from . import gateway, invites, keys, mail, pages
 from .config import SignupSettings
+from .errors import retry_after
 from .ledger import ApiKey
-from .limits import retry_after
 
 log = logging.getLogger(__name__)
 
