@@ -16,7 +16,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 
 from . import concurrency, gateway, limits, quota
 from .auth import authenticate
-from .config import Model
+from .catalogue import Model
 from .dialect import ChatCompletions, Dialect
 from .embeddings import Embeddings, parse_embedding_request
 from .errors import ApiError, model_not_found

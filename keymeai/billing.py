@@ -12,7 +12,7 @@ import datetime as dt
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
-from .config import Price
+from .catalogue import Price
 
 UNITS_PER_USD = 10**10
 UNIT_DECIMALS = 10

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Model
+from .catalogue import Model
 from .dialect import ChatCompletions
 from .errors import invalid
 from .tokens import estimate_tenths, tokens

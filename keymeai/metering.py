@@ -24,7 +24,7 @@ from peewee import InterfaceError, OperationalError
 
 from . import metrics
 from .billing import Usage, cost_units
-from .config import Upstream
+from .catalogue import Upstream
 from .db import connection, db, write_transaction
 from .keys import KeyInfo
 from .ledger import UsageRecord, utcnow

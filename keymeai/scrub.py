@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import quote, quote_plus, urlsplit
 
-from .config import Provider
+from .catalogue import Provider
 
 REDACTED = "[redacted]"
 # What may stand between a host and its port: "h:8000", "h', port=8000", "h port 8000",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import requests
 from requests.adapters import HTTPAdapter
 
-from .config import Provider
+from .catalogue import Provider
 
 USER_AGENT = "keymeai-gateway/1.0"
 PATHS = ("/chat/completions", "/embeddings")  # under the provider's base_url

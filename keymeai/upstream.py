@@ -25,7 +25,8 @@ from typing import Any
 import requests
 
 from . import metrics
-from .config import Config, Provider, Upstream
+from .catalogue import Provider, Upstream
+from .config import Config
 from .errors import ApiError, invalid
 from .metering import Meter
 from .scrub import Scrubber

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .config import Model
+from .catalogue import Model
 from .errors import ApiError, invalid, model_not_found
 from .tokens import IMAGE_TOKENS, estimate_prompt_tokens
 

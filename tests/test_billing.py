@@ -16,7 +16,8 @@ from openai import OpenAI
 
 from keymeai import db, keys, reports
 from keymeai.billing import Usage, cost_units, format_cost, parse_usd, to_usd
-from keymeai.config import Price, parse_config
+from keymeai.catalogue import Price
+from keymeai.config import parse_config
 from keymeai.db import connection
 from tests.billing_support import expected_cost, postgres_database
 from tests.conftest import Gateway

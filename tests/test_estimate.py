@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keymeai.billing import unit_price
-from keymeai.config import ConfigError, Model, Price, QuotaSettings, parse_config
+from keymeai.catalogue import Model, Price
+from keymeai.config import ConfigError, QuotaSettings, parse_config
 from keymeai.errors import ApiError
 from keymeai.quota import hold_for
 from keymeai.tokens import (

@@ -16,7 +16,7 @@ import requests
 
 from keymeai import keys
 from keymeai.billing import Usage, cost_units
-from keymeai.config import Price
+from keymeai.catalogue import Price
 from keymeai.db import connection
 from keymeai.ledger import QuotaReservation, utcnow
 from tests.conftest import Gateway

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai.config import Provider
+from keymeai.catalogue import Provider
 from keymeai.db import connection
 from keymeai.ledger import UsageDaily, UsageRecord
 from keymeai.scrub import Scrubber

@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from keymeai import keys
-from keymeai.config import Provider
+from keymeai.catalogue import Provider
 from keymeai.logs import REDACT, JsonFormatter
 from keymeai.scrub import Scrubber
 from tests.conftest import Gateway
