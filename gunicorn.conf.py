@@ -125,7 +125,7 @@ def on_starting(server):
 def when_ready(server):
     """Warn once per start about what the configuration leaves unservable (the flask
     commands, which build the app too, stay quiet about it: `flask --app app info`)."""
-    from keymeai.diagnostics import setup_warnings
+    from keymeai.ops.diagnostics import setup_warnings
 
     for warning in setup_warnings(_config):
         server.log.warning("keymeai: %s", warning)
@@ -145,7 +145,7 @@ def post_worker_init(worker):
     cleanly (an error event, a usage record) before the master kills the worker."""
     import signal
 
-    from keymeai.relay import cut_streams_after
+    from keymeai.api.relay import cut_streams_after
 
     stop = signal.getsignal(signal.SIGTERM)
     grace = worker.cfg.graceful_timeout
@@ -161,7 +161,7 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """Drain the worker's usage journal into the ledger before it exits (an ephemeral
     disk may not outlive the process)."""
-    from keymeai.journal import close_all
+    from keymeai.ledger.journal import close_all
 
     close_all()
 

@@ -36,10 +36,10 @@ from typing import Any
 
 import tomli_w
 
-from keymeai import billing, db, keys, metering, reports
-from keymeai.billing import Usage, cost_units, format_cost
 from keymeai.config import load_config
-from keymeai.db import connection, write_transaction
+from keymeai.ledger import billing, db, keys, metering, reports
+from keymeai.ledger.billing import Usage, cost_units, format_cost
+from keymeai.ledger.db import connection, write_transaction
 
 ROOT = Path(__file__).resolve().parent.parent
 MONTH = dt.date(2026, 3, 1)

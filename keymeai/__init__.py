@@ -24,33 +24,26 @@ def create_app(config: Config | None = None) -> Flask:
     from flask import Flask
     from werkzeug.middleware.proxy_fix import ProxyFix
 
-    from . import (
-        account,
-        admin,
-        api,
-        cli,
-        concurrency,
-        dashboard,
-        dashboard_invites,  # noqa: F401  (its routes join the dashboard's blueprint)
-        db,
-        guesses,
-        invites,
-        journal,
-        limits,
-        logs,
-        ops,
-        pages,
-        replay,
-        responses,  # noqa: F401  (its views join the API's blueprint)
-        signup,
-        standing,
-    )
-    from .auth import KeyCache
-    from .bodies import BodyDeadline
+    from . import api
+    from .api import concurrency, guesses, limits, standing
+    from .api.auth import KeyCache
+    from .api.bodies import BodyDeadline
+    from .api.upstream import Router
     from .config import load_config
     from .errors import register_error_handlers
     from .gateway import Gateway
-    from .upstream import Router
+    from .ledger import db, journal, replay
+    from .operator import (
+        account,
+        admin,
+        cli,
+        dashboard,
+        dashboard_invites,  # noqa: F401  (its routes join the dashboard's blueprint)
+        invites,
+        pages,
+        signup,
+    )
+    from .ops import health, logs
 
     config = config or load_config()
     logs.configure()
@@ -74,7 +67,7 @@ def create_app(config: Config | None = None) -> Flask:
     replay.recover(journal_dir)  # what a killed worker of an earlier run left
 
     register_error_handlers(app, pages.is_page, pages.error_page)
-    ops.init_app(app)
+    health.init_app(app)
     limiter = limits.create(config)
     api.init_app(app, limiter)  # before the limiter's hooks: they need the request's key
     app.register_blueprint(standing.bp)

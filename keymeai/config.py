@@ -79,7 +79,7 @@ class RoutingSettings:
 
 @dataclass(frozen=True)
 class SignupSettings:
-    """Self-service sign-up at /signup (keymeai.signup)."""
+    """Self-service sign-up at /signup (keymeai.operator.signup)."""
 
     mode: str = "off"  # "off" | "invite" | "open"
     tier: str = "free"  # the tier of keys made in open mode

@@ -8,10 +8,10 @@ from typing import cast
 from flask import current_app
 from flask_limiter import Limiter
 
-from .auth import KeyCache
+from .api.auth import KeyCache
+from .api.upstream import Router
 from .config import Config
-from .journal import Journal
-from .upstream import Router
+from .ledger.journal import Journal
 
 
 @dataclass

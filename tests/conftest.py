@@ -12,8 +12,10 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import create_app, db, journal, keys, logs
+from keymeai import create_app
 from keymeai.config import Config, parse_config
+from keymeai.ledger import db, journal, keys
+from keymeai.ops import logs
 from tests import services
 from tests.checks import SMALL_BODY_LIMIT, Api
 from tests.fake_upstream import FakeUpstream

@@ -18,8 +18,8 @@ from click.testing import Result
 from flask import Flask
 from openai import OpenAI
 
-from keymeai.db import connection
-from keymeai.ledger import QuotaReservation
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import QuotaReservation
 from tests.support import apply_journals, free_port
 
 MODEL = "deepseek-chat"

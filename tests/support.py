@@ -24,9 +24,9 @@ import tomli_w
 from werkzeug.serving import make_server
 from werkzeug.wsgi import ClosingIterator
 
-from keymeai.db import connection
-from keymeai.journal import catch_up
-from keymeai.ledger import UsageRecord
+from keymeai.ledger.db import connection
+from keymeai.ledger.journal import catch_up
+from keymeai.ledger.models import UsageRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "sk-fake-upstream"
@@ -137,7 +137,7 @@ JOURNALS: list[Path] = []  # the usage journals of the test's gateways (see conf
 
 def apply_journals() -> None:
     """Apply what the test's gateways journaled, as `GET /v1/usage` and the reports do
-    before they read (keymeai.journal.catch_up): the ledger then holds every request
+    before they read (keymeai.ledger.journal.catch_up): the ledger then holds every request
     answered so far, and no reservation of one."""
     for directory in JOURNALS:
         catch_up(directory)
@@ -382,7 +382,7 @@ def assert_no_secrets(text: str, fake_url: str, *keys: str) -> None:
 
 def log_text(caplog: Any) -> str:
     """Captured log records as the JSON lines production writes (message and extras)."""
-    from keymeai.logs import JsonFormatter
+    from keymeai.ops.logs import JsonFormatter
 
     formatter = JsonFormatter()
     return "\n".join(formatter.format(record) for record in caplog.records)

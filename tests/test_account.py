@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from keymeai import keys
-from keymeai.billing import parse_usd
+from keymeai.ledger import keys
+from keymeai.ledger.billing import parse_usd
 from tests.browser_support import (
     Pages,
     field,

@@ -10,8 +10,8 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai import keys
-from keymeai.ledger import utcnow
+from keymeai.ledger import keys
+from keymeai.ledger.models import utcnow
 from tests.billing_support import ADMIN_TOKEN, Admin, admin_gateway, openai_error
 from tests.conftest import Gateway
 from tests.support import usage_records

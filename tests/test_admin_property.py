@@ -9,7 +9,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.billing_support import admin_gateway, openai_error
 from tests.checks import any_json, any_text
 from tests.conftest import Gateway

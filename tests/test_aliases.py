@@ -7,8 +7,8 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai import keys
 from keymeai.config import parse_config
+from keymeai.ledger import keys
 from keymeai.tables import ConfigError
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

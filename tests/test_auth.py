@@ -17,8 +17,8 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.ledger import utcnow
+from keymeai.ledger import keys
+from keymeai.ledger.models import utcnow
 from tests.checks import assert_openai_error
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

@@ -16,7 +16,7 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.checks import GENERATED_REQUEST_ID, SMALL_BODY_LIMIT, Api, assert_openai_error
 from tests.support import usage_records
 

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import db, keys, reports
-from keymeai.billing import Usage, cost_units, format_cost, parse_usd, to_usd
 from keymeai.catalogue import Price
 from keymeai.config import parse_config
-from keymeai.db import connection
+from keymeai.ledger import db, keys, reports
+from keymeai.ledger.billing import Usage, cost_units, format_cost, parse_usd, to_usd
+from keymeai.ledger.db import connection
 from tests.billing_support import expected_cost, postgres_database
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from openai import OpenAI
 
-from keymeai.ledger import UsageRecord
+from keymeai.ledger.models import UsageRecord
 from tests.fake_upstream import FakeUpstream
 from tests.support import UPSTREAM_KEY, usage_records
 

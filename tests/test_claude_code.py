@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.processes import agent_cli
 from tests.support import Gunicorn, wait_for_records
 

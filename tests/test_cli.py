@@ -25,8 +25,8 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai import keys, metering, reports
-from keymeai.ledger import utcnow
+from keymeai.ledger import keys, metering, reports
+from keymeai.ledger.models import utcnow
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.processes import run_together

@@ -14,9 +14,9 @@ import pytest
 from openai import OpenAI
 from peewee import fn
 
-from keymeai import keys
-from keymeai.db import connection
-from keymeai.ledger import UsageDaily, UsageRecord
+from keymeai.ledger import keys
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import UsageDaily, UsageRecord
 from tests.support import Gunicorn, wait_for_records
 
 pytestmark = [pytest.mark.both_databases, pytest.mark.redis]

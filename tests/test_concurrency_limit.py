@@ -20,7 +20,7 @@ import redis
 import requests
 from openai import OpenAI, Stream
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.billing_support import admin_gateway
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

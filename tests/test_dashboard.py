@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from keymeai import keys
-from keymeai.ledger import utcnow
-from keymeai.pages import when
-from keymeai.quota import format_usd
+from keymeai.ledger import keys
+from keymeai.ledger.models import utcnow
+from keymeai.ledger.quota import format_usd
+from keymeai.operator.pages import when
 from tests.billing_support import ADMIN_TOKEN, admin_gateway
 from tests.browser_support import (
     HI,

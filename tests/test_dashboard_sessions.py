@@ -10,10 +10,10 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.db import connection
-from keymeai.ledger import DashboardSession, utcnow
-from keymeai.sessions import IDLE, TOUCH_EVERY
+from keymeai.ledger import keys
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import DashboardSession, utcnow
+from keymeai.operator.sessions import IDLE, TOUCH_EVERY
 from tests.billing_support import ADMIN_TOKEN, admin_gateway
 from tests.conftest import Gateway
 from tests.test_pages import csrf, signed_in

@@ -9,8 +9,8 @@ from urllib.parse import quote, urlsplit
 import pytest
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
-from keymeai import db
 from keymeai.config import ConfigError
+from keymeai.ledger import db
 from tests import services
 from tests.processes import cli_env, flask_cli
 

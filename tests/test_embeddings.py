@@ -11,9 +11,9 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.billing import Usage, cost_units
 from keymeai.config import parse_config
+from keymeai.ledger import keys
+from keymeai.ledger.billing import Usage, cost_units
 from keymeai.tables import ConfigError
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream, embedding_vector

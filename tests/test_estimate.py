@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from keymeai.billing import unit_price
+from keymeai.api.validation import MAX_TOKENS, parse_chat_request
 from keymeai.catalogue import Model, Price
 from keymeai.config import ConfigError, QuotaSettings, parse_config
 from keymeai.errors import ApiError
-from keymeai.quota import hold_for
+from keymeai.ledger.billing import unit_price
+from keymeai.ledger.quota import hold_for
 from keymeai.tokens import (
     HIGH_RES_IMAGE_TOKENS,
     IMAGE_TOKENS,
@@ -22,7 +23,6 @@ from keymeai.tokens import (
     estimate_tenths,
     tokens,
 )
-from keymeai.validation import MAX_TOKENS, parse_chat_request
 from tests.support import PRICES, PROVIDER_ENV, base_config
 
 MODEL = Model(

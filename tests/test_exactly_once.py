@@ -19,12 +19,12 @@ import pytest
 import requests
 from peewee import OperationalError
 
-from keymeai import metering, quota
-from keymeai.db import connection, db
-from keymeai.keys import KeyInfo, create_key
-from keymeai.ledger import QuotaReservation, UsageDaily, UsageRecord
-from keymeai.metering import Meter
-from keymeai.validation import parse_chat_request
+from keymeai.api.validation import parse_chat_request
+from keymeai.ledger import metering, quota
+from keymeai.ledger.db import connection, db
+from keymeai.ledger.keys import KeyInfo, create_key
+from keymeai.ledger.metering import Meter
+from keymeai.ledger.models import QuotaReservation, UsageDaily, UsageRecord
 from tests.conftest import Gateway, build_config
 from tests.support import usage_records
 

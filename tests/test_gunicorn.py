@@ -25,7 +25,7 @@ import pytest
 import requests
 from openai import OpenAI
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.metrics_support import scrape, value
 from tests.processes import cli_env
 from tests.support import ROOT, UPSTREAM_KEY, Gunicorn, free_port, wait_for_records

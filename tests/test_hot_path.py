@@ -7,9 +7,9 @@ import socket
 import threading
 import time
 
-from keymeai.bodies import Watchdog
-from keymeai.concurrency import UNBOUNDED, Slot
-from keymeai.ops import new_request_id
+from keymeai.api.bodies import Watchdog
+from keymeai.api.concurrency import UNBOUNDED, Slot
+from keymeai.ops.health import new_request_id
 from tests.checks import GENERATED_REQUEST_ID
 
 

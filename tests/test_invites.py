@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from keymeai import invites, keys
 from keymeai.config import parse_config
-from keymeai.db import connection
-from keymeai.ledger import InviteCode, utcnow
+from keymeai.ledger import keys
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import InviteCode, utcnow
+from keymeai.operator import invites
 from keymeai.tables import ConfigError
 from tests.billing_support import Admin, admin_gateway, openai_error
 from tests.conftest import Gateway

@@ -25,13 +25,14 @@ from typing import Any
 import pytest
 from openai import OpenAI
 
-from keymeai import create_app, journal, quota, replay
+from keymeai import create_app
+from keymeai.api.validation import parse_chat_request
 from keymeai.config import ConfigError
-from keymeai.db import connection, db, is_sqlite
-from keymeai.keys import KeyInfo, create_key
-from keymeai.ledger import QuotaReservation, UsageDaily, UsageRecord
-from keymeai.metering import Meter
-from keymeai.validation import parse_chat_request
+from keymeai.ledger import journal, quota, replay
+from keymeai.ledger.db import connection, db, is_sqlite
+from keymeai.ledger.keys import KeyInfo, create_key
+from keymeai.ledger.metering import Meter
+from keymeai.ledger.models import QuotaReservation, UsageDaily, UsageRecord
 from tests.conftest import build_config
 from tests.limit_support import HI, MODEL, reservations, sdk, wait_until, worker_pids
 from tests.support import Gunicorn, usage_records

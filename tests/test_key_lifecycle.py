@@ -15,9 +15,9 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai.db import connection
-from keymeai.keys import hash_key
-from keymeai.ledger import ApiKey, utcnow
+from keymeai.ledger.db import connection
+from keymeai.ledger.keys import hash_key
+from keymeai.ledger.models import ApiKey, utcnow
 from tests.billing_support import Admin, admin_gateway, expected_cost, run_cli
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

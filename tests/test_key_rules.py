@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from keymeai import keys
-from keymeai.ledger import utcnow
+from keymeai.ledger import keys
+from keymeai.ledger.models import utcnow
 from tests.billing_support import Admin, admin_gateway
 from tests.conftest import Gateway
 from tests.processes import cli_env, run_together

@@ -13,7 +13,7 @@ import pytest
 import requests
 from flask import request
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.limit_support import HI, MODEL, ask, cli, hammer, sdk
@@ -302,4 +302,4 @@ def test_a_preflight_without_a_key_leaves_the_limit_alone(
     preflight = requests.options(f"{gateway.url}/v1/chat/completions", timeout=10)
     assert preflight.status_code == 200 and "POST" in preflight.headers["Allow"]
     assert ask(client).headers["x-ratelimit-remaining-requests"] == "98"  # the same window
-    assert not [r for r in gateway_logs.records if r.name.startswith("keymeai.limits")]
+    assert not [r for r in gateway_logs.records if r.name.startswith("keymeai.api.limits")]

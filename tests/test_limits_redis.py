@@ -14,7 +14,7 @@ import pytest
 import redis
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.limit_support import RedisServer, ask, hammer, outcome, sdk
@@ -37,11 +37,11 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture
 def limits_log() -> Iterator[list[logging.LogRecord]]:
-    """Records of the `keymeai.limits` logger (which does not propagate to the root)."""
+    """Records of the `keymeai.api.limits` logger (which does not propagate to the root)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("keymeai.limits")
+    logger = logging.getLogger("keymeai.api.limits")
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)

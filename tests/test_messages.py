@@ -15,8 +15,8 @@ import anthropic
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.anthropic import usage_of
+from keymeai.api.anthropic import usage_of
+from keymeai.ledger import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.support import Gunicorn, usage_records, wait_for_records

@@ -15,7 +15,7 @@ import anthropic
 import pytest
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.support import ROUTED_MODEL, Routed, usage_records, wait_for_records

@@ -11,8 +11,8 @@ import pytest
 from peewee import Database
 from playhouse.migrations import Runner
 
-from keymeai import db
-from keymeai.ledger import ApiKey, QuotaReservation, UsageDaily
+from keymeai.ledger import db
+from keymeai.ledger.models import ApiKey, QuotaReservation, UsageDaily
 from tests.processes import cli_env, flask_cli, start_flask
 
 pytestmark = pytest.mark.both_databases

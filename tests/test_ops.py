@@ -12,7 +12,7 @@ import pytest
 import requests
 from prometheus_client import REGISTRY
 
-from keymeai import metrics
+from keymeai.ops import metrics
 from tests import services
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

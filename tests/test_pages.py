@@ -13,8 +13,8 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import requests
 
-from keymeai import db, keys, reports
-from keymeai.ledger import utcnow
+from keymeai.ledger import db, keys, reports
+from keymeai.ledger.models import utcnow
 from tests.billing_support import ADMIN_TOKEN, Admin, admin_gateway
 from tests.browser_support import HI, use
 from tests.conftest import Gateway

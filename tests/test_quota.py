@@ -14,11 +14,11 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.billing import Usage, cost_units
 from keymeai.catalogue import Price
-from keymeai.db import connection
-from keymeai.ledger import QuotaReservation, utcnow
+from keymeai.ledger import keys
+from keymeai.ledger.billing import Usage, cost_units
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import QuotaReservation, utcnow
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.limit_support import (

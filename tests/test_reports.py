@@ -16,9 +16,9 @@ from typing import Any
 import openai
 import pytest
 
-from keymeai import billing, keys, metering, reports
-from keymeai.billing import to_usd
-from keymeai.ledger import utcnow
+from keymeai.ledger import billing, keys, metering, reports
+from keymeai.ledger.billing import to_usd
+from keymeai.ledger.models import utcnow
 from tests.conftest import Gateway
 from tests.limit_support import cli
 from tests.support import usage_records

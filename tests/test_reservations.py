@@ -13,10 +13,10 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.billing import format_usd, parse_usd
-from keymeai.db import connection
-from keymeai.ledger import QuotaReservation
+from keymeai.ledger import keys
+from keymeai.ledger.billing import format_usd, parse_usd
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import QuotaReservation
 from keymeai.tokens import IMAGE_TOKENS, estimate_prompt_tokens
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream

@@ -15,9 +15,9 @@ import openai
 import pytest
 
 from keymeai.catalogue import Provider
-from keymeai.db import connection
-from keymeai.ledger import UsageDaily, UsageRecord
-from keymeai.scrub import Scrubber
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import UsageDaily, UsageRecord
+from keymeai.ops.scrub import Scrubber
 from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from openai import NotFoundError, OpenAI
 
-from keymeai import responses_store as store
-from keymeai.db import connection
-from keymeai.ledger import utcnow
-from keymeai.responses_store import StoredResponse
+from keymeai.api import responses_store as store
+from keymeai.api.responses_store import StoredResponse
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import utcnow
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.support import wait_for_records

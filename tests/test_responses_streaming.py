@@ -13,7 +13,7 @@ from typing import Any
 
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.fake_upstream import FakeUpstream
 from tests.processes import agent_cli
 from tests.support import ROUTED_MODEL, Gunicorn, Routed, usage_records, wait_for_records

@@ -21,10 +21,10 @@ from urllib.parse import quote, quote_plus
 import pytest
 import requests
 
-from keymeai import keys
 from keymeai.catalogue import Provider
-from keymeai.logs import REDACT, JsonFormatter
-from keymeai.scrub import Scrubber
+from keymeai.ledger import keys
+from keymeai.ops.logs import REDACT, JsonFormatter
+from keymeai.ops.scrub import Scrubber
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.support import Gunicorn, add_route, log_text, wait_for_records

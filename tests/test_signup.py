@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 import requests
 
-from keymeai import invites, keys
-from keymeai.db import connection
-from keymeai.ledger import InviteCode, utcnow
-from keymeai.signup import REFUSED_CODE
+from keymeai.ledger import keys
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import InviteCode, utcnow
+from keymeai.operator import invites
+from keymeai.operator.signup import REFUSED_CODE
 from tests.browser_support import HI, Pages, field, screenshot, sign_in
 from tests.conftest import Gateway
 from tests.signup_support import (

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.ledger import UsageRecord
+from keymeai.ledger import keys
+from keymeai.ledger.models import UsageRecord
 from tests.fake_upstream import FakeUpstream, RecordedRequest
 from tests.slow_clients import (
     closed_by_server,

@@ -22,8 +22,8 @@ import pytest
 import requests
 from openai import OpenAI
 
-from keymeai import keys
-from keymeai.ledger import UsageRecord
+from keymeai.ledger import keys
+from keymeai.ledger.models import UsageRecord
 from tests.fake_upstream import FakeUpstream, RecordedRequest
 from tests.support import Gunicorn, usage_records, wait_for_records
 

@@ -18,7 +18,7 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.fake_upstream import FakeUpstream
 from tests.support import (
     FAST_TIMEOUTS,

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.db import connection
-from keymeai.ledger import ApiKey
+from keymeai.ledger import keys
+from keymeai.ledger.db import connection
+from keymeai.ledger.models import ApiKey
 from tests.processes import cli_env, flask_cli
 from tests.support import Gunicorn, usage_records, wait_for_records
 from tests.test_concurrency import record_sums, rollup_sums

@@ -15,7 +15,7 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
+from keymeai.ledger import keys
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.limit_support import HI, ask

@@ -11,8 +11,8 @@ import openai
 import pytest
 import requests
 
-from keymeai import keys
-from keymeai.billing import format_usd
+from keymeai.ledger import keys
+from keymeai.ledger.billing import format_usd
 from tests.conftest import Gateway
 from tests.fake_upstream import FakeUpstream
 from tests.limit_support import ask, cli, reservations, wait_until
