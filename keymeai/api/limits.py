@@ -115,7 +115,12 @@ def limits_in_force(key: KeyInfo, tier: Tier) -> tuple[str, ...]:
 
 
 def limit_key() -> str:
-    return f"key:{g.api_key.id}"
+    """The current request's storage identity for its key's limits."""
+    return storage_key(g.api_key)
+
+
+def storage_key(key: KeyInfo) -> str:
+    return f"key:{key.id}"
 
 
 def request_limits() -> str:
@@ -126,15 +131,18 @@ def request_limits() -> str:
     return "" if key is None else ";".join(limits_in_force(key, g.tier))
 
 
-def current_windows(limiter: Limiter) -> list[tuple[RateLimitItem, WindowStats]]:
-    """The current key's request limits and their windows, without counting a request.
+def current_windows(
+    limiter: Limiter, key: KeyInfo, tier: Tier
+) -> list[tuple[RateLimitItem, WindowStats]]:
+    """The key's request limits and their windows, without counting a request.
 
     The storage key is built as Flask-Limiter builds it for the chat route's limit: the
     key identity, then the endpoint as scope.
     """
-    items = parse_many(request_limits()) if limits_in_force(g.api_key, g.tier) else []
+    items = parse_many(";".join(limits_in_force(key, tier)))
+    identity = storage_key(key)
     return [
-        (item, limiter.limiter.get_window_stats(item, limit_key(), CHAT_ENDPOINT)) for item in items
+        (item, limiter.limiter.get_window_stats(item, identity, CHAT_ENDPOINT)) for item in items
     ]
 
 
@@ -179,7 +187,8 @@ def per_key(limiter: Limiter) -> RouteLimit:
 
 def init_app(app: Flask, limiter: Limiter) -> None:
     """Put Flask-Limiter's hooks on the app (after the API's authentication hook, which
-    they need), with OpenAI's 429 and the x-ratelimit-* headers."""
+    they need), with OpenAI's 429 and the x-ratelimit-*-requests headers (the token
+    quota's are set by `serve`, where the quota is checked)."""
     limiter.init_app(app)
 
     @app.errorhandler(RateLimitExceeded)
@@ -221,7 +230,4 @@ def init_app(app: Flask, limiter: Limiter) -> None:
             response.headers["x-ratelimit-limit-requests"] = str(current.limit.amount)
             response.headers["x-ratelimit-remaining-requests"] = str(remaining)
             response.headers["x-ratelimit-reset-requests"] = format_duration(reset_at - time.time())
-        quota = g.get("quota")
-        if quota is not None:
-            response.headers.update(quota.headers())
         return response

@@ -59,23 +59,27 @@ def serve(chat: ChatRequest, dialect: Dialect) -> Response:
             param="model",
             code="model_not_allowed",
         )
-    reservation, g.quota = quota.reserve(key, g.tier, chat, gw.config.quota)
+    reservation, month = quota.reserve(key, g.tier, chat, gw.config.quota)
+    quota_headers = month.headers() if month is not None else {}  # x-ratelimit-*-tokens
 
     meter = Meter(key, chat, g.request_id)
     meter.journal_to(gw.journal, reservation)
     meter.on_finish = concurrency.current_slot().release  # before the client sees the end
     try:
         opened = gw.router.open(chat, meter)
-        return relay(opened, dialect, meter, gw.config.gateway)
+        response = relay(opened, dialect, meter, gw.config.gateway)
     except UpstreamModelError:
         meter.finish(500, "upstream_error")
         raise
     except ApiError as exc:
         meter.finish(exc.status, "unavailable" if exc.status == 503 else "rejected")
+        exc.headers.update(quota_headers)
         raise
     except BaseException:
         meter.finish(500, "error")
         raise
+    response.headers.update(quota_headers)
+    return response
 
 
 def read_body(limit: int) -> bytes:

@@ -17,9 +17,11 @@ from flask import Blueprint, Response, g, jsonify
 from limits.errors import StorageError
 
 from .. import gateway
+from ..config import Tier
 from ..ledger.billing import format_usd, month_bounds
 from ..ledger.db import connection
 from ..ledger.journal import catch_up
+from ..ledger.keys import KeyInfo
 from ..ledger.models import utcnow
 from ..ledger.quota import month_usage, token_quota
 from . import concurrency
@@ -44,10 +46,10 @@ def _reset(resets_at: dt.datetime, now: dt.datetime) -> dict[str, Any]:
     }
 
 
-def _request_limits() -> list[dict[str, Any]] | None:
+def _request_limits(key: KeyInfo, tier: Tier) -> list[dict[str, Any]] | None:
     """Each request limit's window; None when the limiter storage cannot be read."""
     try:
-        windows = current_windows(gateway.current().limiter)
+        windows = current_windows(gateway.current().limiter, key, tier)
     except StorageError as exc:
         log.warning("usage: rate limit storage unreachable: %s", type(exc.storage_error).__name__)
         return None
@@ -73,13 +75,12 @@ def _request_limits() -> list[dict[str, Any]] | None:
 
 @bp.get("/usage")
 def usage() -> Response:
-    return jsonify(standing())
+    return jsonify(standing(g.api_key, g.tier))
 
 
-def standing() -> dict[str, Any]:
-    """The request's key's standing (`g.api_key` and `g.tier`, set by `api.use_key`):
-    the body of `GET /v1/usage`, and the figures the customer page shows."""
-    key, tier = g.api_key, g.tier
+def standing(key: KeyInfo, tier: Tier) -> dict[str, Any]:
+    """A key's standing: the body of `GET /v1/usage`, and the figures the customer page
+    and the dashboard's key page show."""
     now = utcnow()
     start, end = month_bounds(now)
     catch_up()  # every request answered so far, whichever worker journaled it
@@ -100,7 +101,7 @@ def standing() -> dict[str, Any]:
             "cost": format_usd(month.cost_units),
         },
         "limits": {
-            "requests": _request_limits(),
+            "requests": _request_limits(key, tier),
             "tokens": None
             if tokens is None
             else {

@@ -48,7 +48,7 @@ def page() -> tuple[str, int]:
     days = reports.daily_totals(month, g.api_key.id)
     return render_template(
         "account.html",
-        standing=standing.standing(),
+        standing=standing.standing(g.api_key, g.tier),
         charts=pages.daily_charts(month, days),
         month=f"{month:%Y-%m}",
     ), 200

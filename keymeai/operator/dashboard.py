@@ -42,7 +42,6 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from .. import gateway
 from ..api import guesses, standing
-from ..api import serve as api
 from ..config import Config
 from ..ledger import keys, reports
 from ..ledger.keys import KeyInfo
@@ -281,10 +280,8 @@ def _key(key_id: int) -> ApiKey:
 def _standing(row: ApiKey) -> dict[str, Any] | None:
     """The key's limits and quota now, as its holder reads them from `GET /v1/usage`;
     None when its tier is no longer configured."""
-    if row.tier not in gateway.current().config.tiers:
-        return None
-    api.use_key(KeyInfo.from_row(row))
-    return standing.standing()
+    tier = gateway.current().config.tiers.get(row.tier)
+    return None if tier is None else standing.standing(KeyInfo.from_row(row), tier)
 
 
 def _tier_concurrency(row: ApiKey) -> str:
