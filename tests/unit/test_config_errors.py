@@ -4,6 +4,7 @@ start-up through gunicorn are tests/test_config.py's."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -192,6 +193,29 @@ def test_a_mistake_is_one_error_naming_its_key(edit: Edit, message: str) -> None
     with pytest.raises(ConfigError) as caught:
         config(data)
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+NON_FINITE: dict[str, Edit] = {
+    "routing.cooldown_seconds": lambda d: d["routing"].update(cooldown_seconds=math.nan),
+    "gateway.key_cache_seconds": lambda d: d.update(gateway={"key_cache_seconds": math.nan}),
+    "providers.first.read_timeout": lambda d: d["providers"]["first"].update(read_timeout=math.inf),
+    "providers.first.connect_timeout": lambda d: d["providers"]["first"].update(
+        connect_timeout=10**400  # TOML integers are unbounded: too large for a float
+    ),
+    "models.chat.price.input": lambda d: models(d)["chat"]["price"].update(input=math.nan),
+    "models.chat.price.output": lambda d: models(d)["chat"]["price"].update(output=math.inf),
+}
+
+
+@pytest.mark.parametrize(("key", "edit"), NON_FINITE.items(), ids=NON_FINITE)
+def test_toml_nan_and_inf_are_refused_naming_the_key(key: str, edit: Edit) -> None:
+    """`nan` and `inf` are TOML floats: a nan cooldown never ends, an infinite price
+    fails every request it bills, a nan price was a decimal error at start-up."""
+    data = config_data()
+    edit(data)
+    with pytest.raises(ConfigError) as caught:
+        config(data)
+    assert str(caught.value) == f"{key}: must be a finite number"
 
 
 def test_unknown_keys_are_named_all_at_once_in_order() -> None:
