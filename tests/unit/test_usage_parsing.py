@@ -3,11 +3,12 @@ request is billed when they are missing (Meter), and Anthropic's view of the sam
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
 
-from keymeai.api import anthropic
+from keymeai.api import anthropic, responses_dialect
 from keymeai.api.validation import parse_chat_request
 from keymeai.ledger.billing import Usage
 from keymeai.ledger.metering import Meter, parse_usage
@@ -121,6 +122,38 @@ def test_anthropic_usage_of_nothing_is_zeros() -> None:
     }
     assert anthropic.usage_of(None) == zeros
     assert anthropic.usage_of({"prompt_tokens": -1, "completion_tokens": "7"}) == zeros
+
+
+@pytest.mark.parametrize("raw", [DEEPSEEK, OPENAI, BOTH], ids=["deepseek", "openai", "both"])
+def test_responses_usage_is_the_ledgers_counts(raw: dict[str, Any]) -> None:
+    assert responses_dialect.usage_of(raw) == {
+        "input_tokens": 12,
+        "input_tokens_details": {"cached_tokens": 5},
+        "output_tokens": 47,
+        "output_tokens_details": {"reasoning_tokens": 7},
+        "total_tokens": 59,
+    }
+
+
+ODD = {"prompt_tokens": "12", "completion_tokens": 3, "completion_tokens_details": "n/a"}
+
+
+def test_an_odd_usage_never_breaks_a_responses_answer() -> None:
+    """It was read field by field: a string count raised a TypeError (a 500 for an
+    answer already billed), a non-object details field an AttributeError."""
+    assert responses_dialect.usage_of(ODD) is None
+    assert responses_dialect.usage_of({**OPENAI, "prompt_tokens_details": [5]})  # cached 0
+    completion = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+    answer = responses_dialect.ResponsesDialect({"model": "chat"}, {})
+    body = json.loads(answer.answer({**completion, "usage": ODD}, b""))
+    assert (body["status"], body["usage"]) == ("completed", None)
+    stream = responses_dialect.ResponsesDialect({"model": "chat"}, {})
+    stream.event({"choices": [{"index": 0, "delta": {"content": "hi"}}]}, b"")
+    stream.event({"choices": [], "usage": OPENAI}, b"")
+    stream.event({"choices": [], "usage": ODD}, b"")  # a later odd one keeps the good one
+    last = stream.done().decode().split("\n\n")[-2]  # response.completed
+    completed = json.loads(last.split("\ndata: ", 1)[1])
+    assert completed["response"]["usage"] == responses_dialect.usage_of(OPENAI)
 
 
 def streaming_meter() -> Meter:
