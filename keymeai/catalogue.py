@@ -163,6 +163,8 @@ def _parse_price(p: Section, kind: str = "chat") -> Price:
     def amount(name: str, default: Decimal | None = None) -> Decimal:
         raw = p.take(name, (int, float), default if default is not None else ...)
         value = Decimal(str(raw))
+        if not value.is_finite():  # TOML's nan and inf
+            raise ConfigError(f"{p.key(name)}: must be a finite number")
         if value < 0:
             raise ConfigError(f"{p.key(name)}: must not be negative")
         exponent = value.normalize().as_tuple().exponent

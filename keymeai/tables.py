@@ -4,6 +4,7 @@ in the config file stops start-up instead of being ignored."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -36,7 +37,13 @@ class Section:
         return value
 
     def number(self, name: str, default: float, minimum: float = 0) -> float:
-        value = float(self.take(name, (int, float), default))
+        """A number above `minimum`; TOML's `nan` and `inf` are numbers too, and refused."""
+        try:
+            value = float(self.take(name, (int, float), default))
+        except OverflowError:  # an integer too large for a float
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.key(name)}: must be a finite number")
         if value <= minimum:
             raise ConfigError(f"{self.key(name)}: must be greater than {minimum:g}")
         return value

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from ..ledger.metering import parse_usage
 from .dialect import PING
 
 # Chat finish reasons that leave a response incomplete, and the reason OpenAI gives.
@@ -27,22 +28,18 @@ def new_id(prefix: str) -> str:
 
 
 def usage_of(usage: Any) -> dict[str, Any] | None:
-    """Chat completions' usage in the Responses shape (cache hits as DeepSeek or OpenAI
-    report them)."""
-    if not isinstance(usage, dict):
+    """Chat completions' usage in the Responses shape, counted as the ledger counts it
+    (cache hits as DeepSeek or OpenAI report them); None if it is missing or malformed,
+    which a provider's odd field must not turn into an error after the answer came."""
+    counts = parse_usage(usage)
+    if counts is None:
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
-    if cached is None:
-        cached = usage.get("prompt_cache_hit_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
     return {
-        "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached},
-        "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": usage.get("total_tokens") or prompt + completion,
+        "input_tokens": counts.prompt,
+        "input_tokens_details": {"cached_tokens": counts.cached},
+        "output_tokens": counts.completion,
+        "output_tokens_details": {"reasoning_tokens": counts.reasoning},
+        "total_tokens": counts.total,
     }
 
 
@@ -108,7 +105,7 @@ class ResponsesDialect:
     def event(self, chunk: dict[str, Any], raw: bytes) -> bytes | None:
         out = self._start()
         if chunk.get("usage"):
-            self.response["usage"] = usage_of(chunk["usage"])
+            self.response["usage"] = usage_of(chunk["usage"]) or self.response["usage"]
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
