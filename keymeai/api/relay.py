@@ -143,6 +143,9 @@ def relay(opened: Opened, dialect: Dialect, meter: Meter, settings: GatewaySetti
         opened.attempt.failed("gave an invalid response", str(exc), logging.ERROR)
         meter.finish(500, "upstream_error")
         raise UpstreamModelError(str(exc)) from None
+    except BaseException:
+        opened.events.close()  # its reader thread and upstream connection with it
+        raise
     response = Response(stream.run(first), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # tell nginx-style proxies not to buffer
@@ -241,7 +244,13 @@ class ChunkRelay:
         choices = self.observe(chunk)
         if any(isinstance(c, dict) and c.get("finish_reason") for c in choices):
             self.saw_finish = True
-        return self.dialect.event(chunk, event)
+        try:
+            return self.dialect.event(chunk, event)
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+            # A chunk of an odd shape (a delta that is not an object, content that is not
+            # text) that the client's dialect cannot carry: the upstream's fault, ended
+            # as such, never a half-written stream.
+            raise _BrokenChunk(f"stream chunk of an unexpected shape ({exc!r})") from None
 
     def observe(self, chunk: Any) -> list[Any]:
         """Meter one parsed chunk; its choices."""
