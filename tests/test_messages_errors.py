@@ -91,6 +91,12 @@ def test_auth_permission_and_unknown_model(gateway: Gateway, key: str) -> None:
     limited = keys.create_key("qwen only", "standard", allowed_models="qwen-plus")[1]
     error = refused(create(sdk(gateway.url, limited)), anthropic.PermissionDeniedError)
     assert error.body["error"]["type"] == "permission_error"
+    count = sdk(gateway.url, limited).messages.count_tokens
+    error = refused(
+        lambda: count(model="deepseek-chat", messages=HELLO),  # type: ignore[arg-type]
+        anthropic.PermissionDeniedError,
+    )
+    assert error.body["error"]["type"] == "permission_error"
 
     error = refused(create(sdk(gateway.url, key), model="claude-x"), anthropic.NotFoundError)
     assert error.body["error"]["type"] == "not_found_error"

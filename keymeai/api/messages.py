@@ -24,7 +24,7 @@ from .. import gateway
 from ..errors import invalid
 from . import concurrency
 from .anthropic import AnthropicMessages
-from .serve import bp, read_body, serve
+from .serve import bp, read_body, require_allowed, serve
 from .validation import ChatRequest, parse_chat_request, parse_json_body
 
 # Claude Code also sends `system` messages among the turns (reminders to the model).
@@ -41,7 +41,9 @@ def messages() -> Response:
 
 @bp.post("/messages/count_tokens")
 def count_tokens() -> Response:
-    return jsonify({"input_tokens": _chat_request(require_max_tokens=False).prompt_estimate})
+    chat = _chat_request(require_max_tokens=False)
+    require_allowed(chat.model)  # the same answer as a message to that model would get
+    return jsonify({"input_tokens": chat.prompt_estimate})
 
 
 def _chat_request(*, require_max_tokens: bool) -> ChatRequest:

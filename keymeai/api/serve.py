@@ -8,6 +8,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from .. import gateway
+from ..catalogue import Model
 from ..errors import ApiError
 from ..ledger import quota
 from ..ledger.keys import KeyInfo
@@ -52,13 +53,7 @@ def serve(chat: ChatRequest, dialect: Dialect) -> Response:
     their view's concurrency slot."""
     gw = gateway.current()
     key = g.api_key
-    if key.allowed_models is not None and chat.model.id not in key.allowed_models:
-        raise ApiError(
-            403,
-            f"This key is not allowed to use the model `{chat.model.id}`.",
-            param="model",
-            code="model_not_allowed",
-        )
+    require_allowed(chat.model)
     reservation, month = quota.reserve(key, g.tier, chat, gw.config.quota)
     quota_headers = month.headers() if month is not None else {}  # x-ratelimit-*-tokens
 
@@ -80,6 +75,18 @@ def serve(chat: ChatRequest, dialect: Dialect) -> Response:
         raise
     response.headers.update(quota_headers)
     return response
+
+
+def require_allowed(model: Model) -> None:
+    """403 when the request's key has an allow-list that leaves `model` out."""
+    allowed = g.api_key.allowed_models
+    if allowed is not None and model.id not in allowed:
+        raise ApiError(
+            403,
+            f"This key is not allowed to use the model `{model.id}`.",
+            param="model",
+            code="model_not_allowed",
+        )
 
 
 def read_body(limit: int) -> bytes:
