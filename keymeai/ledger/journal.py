@@ -38,6 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import orjson
 from peewee import InterfaceError, OperationalError
 
 from ..config import ConfigError
@@ -91,7 +92,13 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_iso)  # json.dumps m
 
 
 def _line(entry: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(entry).encode() + b"\n"
+    """One JSON line. orjson writes a naive datetime as `isoformat` does, several times
+    faster than the standard library; an integer beyond 64 bits (a provider's absurd
+    usage count) goes through the standard library as before."""
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(entry).encode() + b"\n"
 
 
 class Journal:
