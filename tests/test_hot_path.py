@@ -1,16 +1,19 @@
 """What the request path was made cheaper by keeps its meaning: the body watchdog's thread,
-a concurrency slot released once, request ids, JSON written by orjson."""
+a concurrency slot released once, request ids, JSON written by orjson, the body read
+once."""
 
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import logging
 import socket
 import threading
 import time
+from typing import Any
 
-from keymeai.api.bodies import Watchdog
+from keymeai.api.bodies import BODY, BodyDeadline, Watchdog
 from keymeai.api.concurrency import UNBOUNDED, Slot
 from keymeai.ledger.journal import _line
 from keymeai.ops.health import new_request_id
@@ -51,6 +54,24 @@ def test_the_body_watchdog_still_cuts_a_late_body_and_ends_when_idle() -> None:
         thread.join(5)  # no body for a timeout: the thread ends
         assert not thread.is_alive()
         assert watchdog._thread is None
+
+
+def test_a_body_read_whole_is_handed_to_the_view_and_a_short_one_is_not() -> None:
+    """The view takes a whole body as bytes (`serve.read_body`); a body that ended early
+    (the client left) is left to Werkzeug, which says so (400)."""
+    seen = []
+
+    def app(environ: dict[str, Any], start_response: object) -> list[bytes]:
+        seen.append((environ.get(BODY), environ["wsgi.input"].read()))
+        return [b""]
+
+    deadline = BodyDeadline(app, timeout=5, limit=100)
+    left, right = socket.socketpair()
+    with left, right:
+        for declared, sent in [("5", b"hello"), ("9", b"hello")]:
+            environ = {"CONTENT_LENGTH": declared, "gunicorn.socket": left}
+            deadline({**environ, "wsgi.input": io.BytesIO(sent)}, lambda *_: None)
+    assert seen == [(b"hello", b"hello"), (None, b"hello")]
 
 
 class _CountingStore:
