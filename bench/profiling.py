@@ -24,38 +24,38 @@ CONCERNS = [
     ("gunicorn/", "server: gunicorn HTTP parse, socket I/O"),
     ("werkzeug/", "Flask/Werkzeug: routing, request, response"),
     ("flask/", "Flask/Werkzeug: routing, request, response"),
-    ("keymeai/ops.py", "other: request id, body deadline"),
-    ("keymeai/bodies.py", "other: request id, body deadline"),
+    ("keymeai/ops/health.py", "other: request id, body deadline"),
+    ("keymeai/api/bodies.py", "other: request id, body deadline"),
     ("keymeai/gateway.py", "other: request id, body deadline"),
-    ("keymeai/auth.py", "auth"),
-    ("keymeai/keys.py", "auth"),
-    ("keymeai/unconfigured.py", "auth"),
+    ("keymeai/api/auth.py", "auth"),
+    ("keymeai/ledger/keys.py", "auth"),
+    ("keymeai/api/unconfigured.py", "auth"),
     ("flask_limiter/", "limits (request limit, concurrency)"),
     ("limits/", "limits (request limit, concurrency)"),
-    ("keymeai/limits.py", "limits (request limit, concurrency)"),
-    ("keymeai/concurrency.py", "limits (request limit, concurrency)"),
-    ("keymeai/validation.py", "validation (JSON parse, checks, estimate)"),
+    ("keymeai/api/limits.py", "limits (request limit, concurrency)"),
+    ("keymeai/api/concurrency.py", "limits (request limit, concurrency)"),
+    ("keymeai/api/validation.py", "validation (JSON parse, checks, estimate)"),
     ("keymeai/tokens.py", "validation (JSON parse, checks, estimate)"),
-    ("keymeai/quota.py", "quota"),
-    ("keymeai/upstream.py", "routing/transport (requests, urllib3)"),
-    ("keymeai/transport.py", "routing/transport (requests, urllib3)"),
+    ("keymeai/ledger/quota.py", "quota"),
+    ("keymeai/api/upstream.py", "routing/transport (requests, urllib3)"),
+    ("keymeai/api/transport.py", "routing/transport (requests, urllib3)"),
     ("requests/", "routing/transport (requests, urllib3)"),
     ("urllib3/", "routing/transport (requests, urllib3)"),
-    ("keymeai/relay.py", "relay"),
-    ("keymeai/sse.py", "relay"),
-    ("keymeai/stalls.py", "relay"),
+    ("keymeai/api/relay.py", "relay"),
+    ("keymeai/api/sse.py", "relay"),
+    ("keymeai/api/stalls.py", "relay"),
     ("write_usage", "metering: ledger write"),
     ("_roll_up", "metering: ledger write"),
     ("write_batch", "metering: ledger write"),
-    ("keymeai/journal.py", "metering: journal lines and writer"),
-    ("keymeai/replay.py", "metering: journal lines and writer"),
-    ("keymeai/metering.py", "metering: record fields"),
-    ("keymeai/billing.py", "metering: record fields"),
-    ("keymeai/logs.py", "logging"),
-    ("keymeai/scrub.py", "logging"),
+    ("keymeai/ledger/journal.py", "metering: journal lines and writer"),
+    ("keymeai/ledger/replay.py", "metering: journal lines and writer"),
+    ("keymeai/ledger/metering.py", "metering: record fields"),
+    ("keymeai/ledger/billing.py", "metering: record fields"),
+    ("keymeai/ops/logs.py", "logging"),
+    ("keymeai/ops/scrub.py", "logging"),
     ("logging/", "logging"),
     ("prometheus_client/", "metrics"),
-    ("keymeai/metrics.py", "metrics"),
+    ("keymeai/ops/metrics.py", "metrics"),
 ]
 # Helpers that count for whoever called them (json in validation is validation).
 INHERITED = [
@@ -69,7 +69,7 @@ INHERITED = [
 ]
 # The chat view: what wraps it (Flask's dispatch, a decorator such as Flask-Limiter's or
 # the concurrency slot) does not claim the view's own work.
-VIEW = "chat_completions (keymeai/api.py"
+VIEW = "chat_completions (keymeai/api/chat.py"
 IN_VIEW = "other: the view itself"
 DEFAULT = "other (interpreter, threads)"
 

@@ -113,6 +113,21 @@ def test_other_parameters_pass_through_and_model_is_mapped(
         assert body[name] == value
 
 
+def test_integers_beyond_64_bits_reach_the_upstream_exactly(
+    client: OpenAI, upstream: FakeUpstream
+) -> None:
+    """orjson writes the upstream's body, but not such integers: they must not turn into
+    floats or be refused (the provider decides what it makes of them)."""
+    big = 2**70 + 1
+    client.chat.completions.create(
+        model="deepseek-chat",
+        messages=[{"role": "user", "content": "hi"}],
+        extra_body={"seed": big, "metadata": {"n": -big, "ok": 1.5}},
+    )
+    body = upstream.requests[-1].body
+    assert body["seed"] == big and body["metadata"] == {"n": -big, "ok": 1.5}
+
+
 def test_raw_response_headers(client: OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="deepseek-chat",

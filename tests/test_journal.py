@@ -17,7 +17,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,7 @@ def test_sigterm_drains_the_journal_into_the_ledger(
 
 
 @pytest.fixture
-def metered(config_data: dict[str, Any], ledger: None) -> Callable[[journal.Journal], Meter]:
+def metered(config_data: dict[str, Any], ledger: None) -> Callable[..., Meter]:
     """Real meters of a key with a token quota, each with a real reservation and noted
     in the given journal, as api.py makes them."""
     config = build_config(config_data)
@@ -186,9 +186,11 @@ def metered(config_data: dict[str, Any], ledger: None) -> Callable[[journal.Jour
     key = KeyInfo.from_row(row)
     body = {"model": MODEL, "messages": HI}
 
-    def meter(into: journal.Journal) -> Meter:
+    def meter(into: journal.Journal, hold: bool = True) -> Meter:
         chat = parse_chat_request(body, config.models)
-        reservation, _ = quota.reserve(key, config.tiers["standard"], chat, config.quota)
+        reservation = None
+        if hold:  # without: as for a key with neither a token quota nor a spend cap
+            reservation, _ = quota.reserve(key, config.tiers["standard"], chat, config.quota)
         meter = Meter(key, chat, "client-id")
         meter.journal_to(into, reservation)
         meter.attempt(chat.model.upstreams[0])
@@ -196,6 +198,38 @@ def metered(config_data: dict[str, Any], ledger: None) -> Callable[[journal.Jour
         return meter
 
     return meter
+
+
+def ledger_records() -> int:
+    """The records in the ledger now (no journal applied first)."""
+    with connection():
+        return int(UsageRecord.select().count())
+
+
+def test_the_writer_gathers_records_and_hurries_for_a_quota_hold(
+    metered: Callable[..., Meter], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records wait for the next batch; one that releases a hold is applied at once (its
+    key's next request is admitted against the ledger), with those gathered before it."""
+    monkeypatch.setattr(journal, "BATCH_SECONDS", 5.0)
+    batches: list[int] = []
+    apply = replay.apply
+
+    def counted(entries: Iterable[dict[str, Any]]) -> None:
+        batch = list(entries)
+        batches.append(len(batch))
+        apply(batch)
+
+    monkeypatch.setattr(replay, "apply", counted)
+    live = journal.Journal(journal.check_directory(tmp_path / "live"))
+    for _ in range(4):
+        metered(live, hold=False).finish(200, "ok")
+    time.sleep(0.5)
+    assert ledger_records() == 0 and batches == []
+    metered(live).finish(200, "ok")
+    assert wait_until(lambda: ledger_records() == 5, timeout=3)
+    assert batches == [5] and reservations() == 0
+    live.close()
 
 
 def dead_copy(source: Path, directory: Path, tail: bytes = b"") -> Path:

@@ -82,7 +82,7 @@ def check_key(token: str, cache: KeyCache) -> KeyInfo:
         raise invalid_api_key(f"Incorrect API key provided: {token[:7]}****.")
     if info.revoked:
         raise invalid_api_key(f"This API key ({info.prefix}...) has been revoked.")
-    if info.expired(utcnow()):
+    if info.expires_at is not None and info.expired(utcnow()):
         raise invalid_api_key(f"This API key ({info.prefix}...) has expired.")
     return info
 

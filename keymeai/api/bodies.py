@@ -5,7 +5,9 @@ client that sends a byte every few seconds holds its connection (and under gthre
 thread) as long as it likes, and a route that never reads its body is no safer, since
 gunicorn reads what is left of it before the next keep-alive request. So every body is
 read here, eagerly, before the app sees the request, under a deadline counted from the
-headers; the app gets it as a BytesIO.
+headers; the app gets it as a BytesIO, and a body read whole also as bytes in
+`environ[BODY]` (`serve.read_body` takes it from there: Werkzeug's stream wrappers cost
+more than the rest of reading it).
 
 A per-read socket timeout cannot bound the whole read (a byte just before each timeout
 restarts it), so one watchdog thread (a greenlet under gevent) per app shuts the read
@@ -31,6 +33,7 @@ from ..errors import ApiError
 log = logging.getLogger(__name__)
 
 Environ = dict[str, Any]
+BODY = "keymeai.body"  # the request body, when read whole here
 
 
 class _Watch:
@@ -136,6 +139,8 @@ class BodyDeadline:
         if chunked and len(body) > self.limit:
             _close_after(start_response)  # the app answers 413; the rest stays unread
         environ["wsgi.input"] = io.BytesIO(body)
+        if chunked or len(body) == wanted:  # else the client left early: Werkzeug says so
+            environ[BODY] = body
         return self.app(environ, start_response)
 
     def _timed_out(self, environ: Environ, start_response: Any) -> Iterable[bytes]:

@@ -15,6 +15,7 @@ from ..ledger.keys import KeyInfo
 from ..ledger.metering import Meter
 from . import concurrency
 from .auth import authenticate
+from .bodies import BODY
 from .dialect import Dialect
 from .relay import relay
 from .unconfigured import refuse_unconfigured_model
@@ -92,10 +93,16 @@ def require_allowed(model: Model) -> None:
 def read_body(limit: int) -> bytes:
     """The request body; 413 past `limit` bytes, whether or not it came with a length.
 
-    Werkzeug stops reading a chunked body at MAX_CONTENT_LENGTH without a word, so the
-    body would arrive truncated: the byte after the limit tells a 413 from a body that
-    is exactly `limit` bytes long.
+    Usually the body deadline has read it whole (`bodies.BODY`: at most `limit` + 1
+    bytes of a chunked one). Otherwise: Werkzeug stops reading a chunked body at
+    MAX_CONTENT_LENGTH without a word, so the body would arrive truncated: the byte
+    after the limit tells a 413 from a body that is exactly `limit` bytes long.
     """
+    raw: bytes | None = request.environ.get(BODY)
+    if raw is not None:
+        if len(raw) > limit:
+            raise RequestEntityTooLarge()
+        return raw
     raw = request.get_data(cache=False)
     chunked = request.content_length is None
     if chunked and len(raw) >= limit and request.environ["wsgi.input"].read(1):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import requests
 
 from ..catalogue import Provider, Upstream
@@ -257,9 +258,7 @@ class Router:
             # Always ask for usage: metering needs it even when the client did not.
             body["stream_options"] = dict(chat.body.get("stream_options") or {}, include_usage=True)
         try:
-            response = self.clients[provider.name].post(
-                json.dumps(body, ensure_ascii=False).encode(), KIND_PATHS[chat.model.kind]
-            )
+            response = self.clients[provider.name].post(_encode(body), KIND_PATHS[chat.model.kind])
         except requests.RequestException as exc:
             raise _Unavailable(describe_error(exc)) from None
         if response.status_code != 200:
@@ -325,6 +324,17 @@ class Router:
     def close(self) -> None:
         for client in self.clients.values():
             client.close()
+
+
+def _encode(body: dict[str, Any]) -> bytes:
+    """The request body for the upstream, as UTF-8 JSON. orjson writes it 10-25 times
+    faster than `json.dumps` (a long chat history is tens of KB); the one value it refuses
+    that a request can carry, an integer beyond 64 bits, goes through the standard library.
+    """
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return json.dumps(body, ensure_ascii=False).encode()
 
 
 def _error_object(raw: bytes) -> dict[str, Any]:

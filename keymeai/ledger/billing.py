@@ -9,6 +9,7 @@ ever touches money.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 
@@ -36,6 +37,7 @@ class Usage:
         return self.prompt + self.completion
 
 
+@functools.lru_cache(maxsize=1024)  # the catalogue's few prices, six times a request
 def unit_price(price: Decimal) -> int:
     """The price of one token in cost units (exact: the config allows 4 decimals)."""
     return int(price * _UNITS_PER_PRICE)

@@ -38,6 +38,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import orjson
 from peewee import InterfaceError, OperationalError
 
 from ..config import ConfigError
@@ -50,6 +51,14 @@ ROTATE_BYTES = 64 * 1024  # an applied file this large is replaced by a fresh on
 RECOVER_SECONDS = 30.0  # how often an idle writer looks for dead siblings' files
 DRAIN_SECONDS = 10.0  # how long closing waits for an unreachable ledger
 GIVE_UP_AFTER = 6  # failed attempts (about 6 s) before a closing writer leaves the file
+# The writer gathers records for up to this many seconds after its last commit: a
+# transaction's fixed cost (the connection, BEGIN IMMEDIATE, COMMIT) is about twice one
+# record's inserts on SQLite, so a record applied alone costs ~120 µs of the worker's CPU
+# and one of a batch of eight ~40 (measured). Readers that must see every answered
+# request call `catch_up` anyway. A record that releases a quota hold is applied at
+# once: its key's next request is admitted against the ledger, and should find the
+# hold replaced by what the request used.
+BATCH_SECONDS = 0.01
 
 
 # A finished entry waiting for the writer: its file, the offset after it, it, its line.
@@ -83,7 +92,13 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), default=_iso)  # json.dumps m
 
 
 def _line(entry: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(entry).encode() + b"\n"
+    """One JSON line. orjson writes a naive datetime as `isoformat` does, several times
+    faster than the standard library; an integer beyond 64 bits (a provider's absurd
+    usage count) goes through the standard library as before."""
+    try:
+        return orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+    except orjson.JSONEncodeError:
+        return _ENCODER.encode(entry).encode() + b"\n"
 
 
 class Journal:
@@ -93,6 +108,7 @@ class Journal:
         self.directory = directory
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._hurry = threading.Event()  # a finished line releases a quota hold
         self._queue: deque[Queued] = deque()
         self._inflight: dict[str, bytes] = {}  # record_id -> its started line
         self._pid = 0
@@ -125,6 +141,8 @@ class Journal:
             self._inflight.pop(record_id, None)
             self._write(line)
             self._queue.append((self._path, self._size, entry, line))
+        if reservation_id is not None:
+            self._hurry.set()
         self._wake.set()
 
     def _write(self, line: bytes) -> None:
@@ -167,15 +185,17 @@ class Journal:
     # -- the writer ----------------------------------------------------------------
 
     def _run(self) -> None:
-        """Apply what was journaled, a batch per wake-up; retry while the ledger is
-        unreachable (the lines stay in the file meanwhile). Now and then, replay the
+        """Apply what was journaled in batches (`BATCH_SECONDS`); retry while the ledger
+        is unreachable (the lines stay in the file meanwhile). Now and then, replay the
         files of siblings that died (`recover`)."""
         pending: list[Queued] = []
         failures = 0
-        swept = time.monotonic()
+        swept = applied = time.monotonic()
         while True:
             if not pending and not self._closing:
                 self._wake.wait(RECOVER_SECONDS)
+                self._hurry.wait(max(0.0, applied + BATCH_SECONDS - time.monotonic()))
+            self._hurry.clear()
             self._wake.clear()
             while self._queue:
                 pending.append(self._queue.popleft())
@@ -187,6 +207,7 @@ class Journal:
                 if self._closing:
                     return
                 continue
+            applied = time.monotonic()
             try:
                 replay.apply(entry for _, _, entry, _ in pending)
             except Exception as exc:  # the lines stay: retried, never dropped
@@ -221,6 +242,7 @@ class Journal:
         if writer is None or self._pid != os.getpid():
             return
         self._closing = True
+        self._hurry.set()
         self._wake.set()
         writer.join(DRAIN_SECONDS)
         with self._lock:

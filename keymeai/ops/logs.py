@@ -15,13 +15,18 @@ import json
 import logging
 import os
 import sys
+from typing import Any
 
+import orjson
 from flask import g, has_app_context
 
 from .scrub import Scrubber
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _ENCODE = json.JSONEncoder(default=str).encode  # json.dumps(..., default=str) builds one a call
+# orjson writes a line several times faster; datetimes and dataclasses still go to `str`,
+# as they did with the standard library.
+_FAST = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 _SCALARS = (int, float, type(None))  # bool is an int
 
 
@@ -38,6 +43,13 @@ class JsonFormatter(logging.Formatter):
         entry.update((k, v) for k, v in vars(record).items() if k not in _STANDARD)
         if record.exc_info:
             entry["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return _encode(entry)
+
+
+def _encode(entry: dict[str, Any]) -> str:
+    try:
+        return orjson.dumps(entry, default=str, option=_FAST).decode()
+    except orjson.JSONEncodeError:  # a lone surrogate in provider text, a key not a string
         return _ENCODE(entry)
 
 
