@@ -23,7 +23,7 @@ from keymeai.tokens import (
     estimate_tenths,
     tokens,
 )
-from tests.support import PRICES, PROVIDER_ENV, base_config
+from tests.helpers.config import PRICES, PROVIDER_ENV, base_config
 
 MODEL = Model(
     id="deepseek-chat",

@@ -10,7 +10,7 @@ import time
 from keymeai.api.bodies import Watchdog
 from keymeai.api.concurrency import UNBOUNDED, Slot
 from keymeai.ops.health import new_request_id
-from tests.checks import GENERATED_REQUEST_ID
+from tests.helpers.errors import GENERATED_REQUEST_ID
 
 
 def test_the_body_watchdog_serves_body_after_body_with_one_thread() -> None:
