@@ -9,6 +9,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, quote_plus
@@ -122,6 +123,41 @@ def leak_body(shape: str | None, status: int, key: str, host: str, port: int, pa
     body = error_body(shape, status, text)
     body["error"]["code"] = f"{key.upper()}@{host}:{port}"
     return body
+
+
+def plain_reply(
+    shape: str, mode: str, payload: dict, prefix: bytes, leak: Callable[[int], dict]
+) -> tuple[int, str, bytes, dict[str, str]]:
+    """Status, content type, body and extra headers of a Content-Length answer in `mode`:
+    the payload, or the error or malformed body the mode stands for (`leak` builds the
+    leak modes' body from the request)."""
+    extra: dict[str, str] = {}
+    status, ctype = 200, "application/json"
+    if mode.isdigit():
+        status = int(mode)
+        data = json.dumps(error_body(shape, status)).encode()
+        if status in (429, 503):
+            extra["Retry-After"] = "1"
+    elif mode == "arrearage":
+        status = 400
+        data = json.dumps({**ARREARAGE, "request_id": str(uuid.uuid4())}).encode()
+    elif mode.startswith("leak-"):
+        status = 400 if mode == "leak-400" else 500
+        data = json.dumps(leak(status)).encode()
+    elif mode == "octet-error":
+        status, ctype = 500, "application/octet-stream"
+        data = json.dumps(error_body(shape, 500)).encode()
+    elif mode == "garbage":
+        ctype, data = "text/html", b"<html>Bad Gateway</html>"
+    elif mode == "badjson":
+        data = b'{"id": "x", "choices": '
+    elif mode == "wrongshape":
+        data = b'{"object": "chat.completion", "result": "hello"}'
+    elif mode == "empty":
+        data = b""
+    else:  # ok, slow, nousage, and the partial sends below
+        data = prefix + json.dumps(payload).encode()
+    return status, ctype, data, extra
 
 
 def _text_of(content: Any) -> str:

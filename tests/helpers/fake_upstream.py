@@ -39,7 +39,6 @@ from typing import Any, Self
 from urllib.parse import urlsplit
 
 from tests.helpers.fake_replies import (
-    ARREARAGE,
     BASE_PATHS,
     MODELS,
     MODES,
@@ -53,6 +52,7 @@ from tests.helpers.fake_replies import (
     embeddings,
     error_body,
     leak_body,
+    plain_reply,
     stream_events,
 )
 
@@ -284,31 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._abort()
         if mode == "hang":
             return self._hang()
-        status, ctype, extra = 200, "application/json", {}
-        if mode.isdigit():
-            status = int(mode)
-            data = json.dumps(error_body(shape, status)).encode()
-            if status in (429, 503):
-                extra["Retry-After"] = "1"
-        elif mode == "arrearage":
-            status = 400
-            data = json.dumps({**ARREARAGE, "request_id": str(uuid.uuid4())}).encode()
-        elif mode.startswith("leak-"):
-            status = 400 if mode == "leak-400" else 500
-            data = json.dumps(self._leak(status)).encode()
-        elif mode == "octet-error":
-            status, ctype = 500, "application/octet-stream"
-            data = json.dumps(error_body(shape, 500)).encode()
-        elif mode == "garbage":
-            ctype, data = "text/html", b"<html>Bad Gateway</html>"
-        elif mode == "badjson":
-            data = b'{"id": "x", "choices": '
-        elif mode == "wrongshape":
-            data = b'{"object": "chat.completion", "result": "hello"}'
-        elif mode == "empty":
-            data = b""
-        else:  # ok, slow, nousage, and the partial sends below
-            data = prefix + json.dumps(payload).encode()
+        status, ctype, data, extra = plain_reply(shape, mode, payload, prefix, self._leak)
         self._headers(status, ctype, len(data), **extra)
         if mode == "hang-after-headers":
             return self._hang()
