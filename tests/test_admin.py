@@ -13,11 +13,11 @@ import pytest
 from keymeai.ledger import keys
 from keymeai.ledger.models import utcnow
 from tests.helpers.admin import ADMIN_TOKEN, Admin, admin_gateway, from_address
+from tests.helpers.clients import HI
 from tests.helpers.errors import assert_openai_error
 from tests.helpers.ledger import usage_records
 from tests.helpers.servers import Gateway
 
-HI = [{"role": "user", "content": "hi"}]  # 4 prompt tokens for the fake
 ENDPOINTS = [
     ("POST", "/keys"),
     ("GET", "/keys"),

@@ -23,6 +23,7 @@ from keymeai.tokens import (
     estimate_tenths,
     tokens,
 )
+from tests.helpers.clients import HI
 from tests.helpers.config import PRICES, PROVIDER_ENV, base_config
 
 MODEL = Model(
@@ -32,7 +33,6 @@ MODEL = Model(
     upstreams=(),
     price=Price(**{k: Decimal(str(v)) for k, v in PRICES["deepseek-chat"].items()}),
 )
-HI = [{"role": "user", "content": "hi"}]
 WEATHER = {
     "type": "function",
     "function": {

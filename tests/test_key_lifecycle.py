@@ -20,11 +20,10 @@ from keymeai.ledger.keys import hash_key
 from keymeai.ledger.models import ApiKey, utcnow
 from tests.helpers.admin import Admin, admin_gateway
 from tests.helpers.cli import cli_env, flask_cli, invoke
+from tests.helpers.clients import HI
 from tests.helpers.fake_upstream import FakeUpstream
 from tests.helpers.ledger import expected_cost, usage_records
 from tests.helpers.servers import Gateway
-
-HI = [{"role": "user", "content": "hi"}]  # 4 prompt tokens for the fake
 
 
 @pytest.fixture

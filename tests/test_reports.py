@@ -20,11 +20,11 @@ from keymeai.ledger import billing, keys, metering, reports
 from keymeai.ledger.billing import to_usd
 from keymeai.ledger.models import utcnow
 from tests.helpers.cli import invoke
+from tests.helpers.clients import HI
 from tests.helpers.ledger import usage_records
 from tests.helpers.servers import Gateway
 
 COUNTS = ["requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens"]
-HI = [{"role": "user", "content": "hi"}]
 
 
 def record(key_id: int, at: dt.datetime, model: str = "qwen-plus", **counts: int) -> None:
