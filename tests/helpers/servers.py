@@ -15,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import requests
 from openai import OpenAI
 from werkzeug.serving import make_server
-from werkzeug.wsgi import ClosingIterator
 
 from keymeai.ledger import keys
 from tests.helpers.clients import sdk
@@ -37,11 +37,12 @@ def free_port() -> int:
 
 class InFlight:
     """WSGI middleware counting the requests still being served (a stream until its
-    body is closed), so that a test's server can wait for them before the next test's
-    ledger takes the global database: a request that ended late would otherwise write
-    its record into the next test's ledger (seen: 102 records for 100 requests, and 4
-    for 1). A few error streams are never counted out under Werkzeug's server (not
-    understood yet), so the wait is bounded."""
+    body is exhausted or closed), so that a test's server can wait for them before the
+    next test's ledger takes the global database: a request that ended late would
+    otherwise write its record into the next test's ledger (seen: 102 records for 100
+    requests, and 4 for 1). A body counts out when it is exhausted, not only when it is
+    closed: Werkzeug's server skips `close()` when the client resets the connection
+    while the server drains it after the response."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -56,7 +57,7 @@ class InFlight:
         except BaseException:
             self.done()
             raise
-        return ClosingIterator(body, [self.done])
+        return _Counted(body, self.done)
 
     def done(self) -> None:
         with self.idle:
@@ -66,6 +67,31 @@ class InFlight:
     def wait(self, timeout: float) -> bool:
         with self.idle:
             return self.idle.wait_for(lambda: self.count == 0, timeout)
+
+
+class _Counted:
+    """A response body that calls `done` once: when exhausted or closed."""
+
+    def __init__(self, body: Any, done: Callable[[], None]) -> None:
+        self.body = body
+        self._done: Callable[[], None] | None = done
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.body
+        self._count_out()
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._count_out()
+
+    def _count_out(self) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done()
 
 
 class LiveServer:
