@@ -1,6 +1,6 @@
 """A fast fake OpenAI-style provider for the benchmark: raw asyncio, one process.
 
-tests/fake_upstream.py is a stdlib http.server, far too slow to load-test a gateway
+tests/helpers/fake_upstream.py is a stdlib http.server, far too slow to load-test a gateway
 against; this one parses just enough HTTP/1.1 (keep-alive, Content-Length bodies) to
 answer `POST .../chat/completions` with a fixed completion, or with an SSE stream in
 chunked encoding that ends with a usage chunk and `[DONE]`, as DashScope and Ark do.

@@ -1,4 +1,5 @@
-"""Fixtures: a fake provider over real HTTP, the gateway over real HTTP, keys, clients."""
+"""Fixtures and pytest hooks: a fake provider over real HTTP, the gateway over real HTTP,
+keys, clients. What tests import lives in tests/helpers."""
 
 from __future__ import annotations
 
@@ -13,26 +14,17 @@ import pytest
 from openai import OpenAI
 
 from keymeai import create_app
-from keymeai.config import Config, parse_config
-from keymeai.ledger import db, journal, keys
+from keymeai.ledger import db, journal
 from keymeai.ops import logs
-from tests import services
-from tests.checks import SMALL_BODY_LIMIT, Api
-from tests.fake_upstream import FakeUpstream
-from tests.support import (
-    FAST_TIMEOUTS,
-    JOURNALS,
-    PROVIDER_ENV,
-    ROUTED_MODEL,
-    Blackhole,
-    Gunicorn,
-    LiveServer,
-    ManualClock,
-    Routed,
-    add_route,
-    base_config,
-    write_toml,
-)
+from tests.helpers import services
+from tests.helpers.admin import admin_gateway
+from tests.helpers.browser import Pages, launch_browser
+from tests.helpers.clients import SMALL_BODY_LIMIT, Api
+from tests.helpers.config import base_config, build_config, write_toml
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import JOURNALS
+from tests.helpers.routing import FAST_TIMEOUTS, ROUTED_MODEL, ManualClock, Routed, add_route
+from tests.helpers.servers import Blackhole, Gateway, Gunicorn, LiveServer
 
 BACKENDS = ("sqlite", "postgres")
 
@@ -77,7 +69,6 @@ def database_backend(request: pytest.FixtureRequest) -> str:
 def database_url(database_backend: str, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty ledger: a SQLite file in tmp_path or a new PostgreSQL database."""
     if database_backend == "postgres":
-        services.require_postgres()
         with services.postgres_database() as url:
             yield url
             _close_pool()
@@ -101,6 +92,14 @@ def redis_url() -> Iterator[str]:
     services.require_redis()
     with services.redis_database() as url:
         yield url
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[services.RedisServer]:
+    """A Redis of the test's own, on a free port, that the test may stop, kill or freeze."""
+    server = services.RedisServer(tmp_path).start()
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")
@@ -127,26 +126,6 @@ def config_data(upstream: FakeUpstream, database_url: str, tmp_path: Path) -> di
     return data
 
 
-def build_config(data: dict[str, Any], env: dict[str, str] | None = None) -> Config:
-    return parse_config(data, {**PROVIDER_ENV, **(env or {})})
-
-
-class Gateway:
-    """The gateway app served by Werkzeug in this process, with helpers."""
-
-    def __init__(self, server: LiveServer) -> None:
-        self.server = server
-        self.app = server.app
-        self.url = server.url
-
-    def create_key(self, tier: str = "standard", name: str = "test") -> str:
-        return keys.create_key(name, tier)[1]
-
-    def client(self, key: str, **options: Any) -> OpenAI:
-        options = {"max_retries": 0, "timeout": 60, **options}  # the SDK's default wait: 600 s
-        return OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
-
-
 @pytest.fixture
 def start_gateway(config_data: dict[str, Any]) -> Iterator[Callable[..., Gateway]]:
     """Start the gateway on the (possibly edited) config; stopped after the test."""
@@ -168,6 +147,12 @@ def start_gateway(config_data: dict[str, Any]) -> Iterator[Callable[..., Gateway
 @pytest.fixture
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     return start_gateway()
+
+
+@pytest.fixture
+def operator(start_gateway: Callable[..., Gateway]) -> Gateway:
+    """A gateway with the admin token set, so the admin API and the dashboard are on."""
+    return admin_gateway(start_gateway)[0]
 
 
 @pytest.fixture
@@ -252,7 +237,7 @@ def route(
     """Start a gateway whose model `resilient` has one upstream per given fake mode.
 
     `route("503", "ark/ok", read_timeout=1, routing={"failure_threshold": 1})`: providers
-    get short timeouts (support.FAST_TIMEOUTS) unless told otherwise. Its breakers run on a
+    get short timeouts (routing.FAST_TIMEOUTS) unless told otherwise. Its breakers run on a
     `ManualClock`: a cooldown ends when the test moves `routed.clock` on.
     """
 
@@ -283,16 +268,12 @@ def api(
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (Debian's) for a module of page tests."""
-    from tests.browser_support import launch_browser  # it imports this module
-
     yield from launch_browser()
 
 
 @pytest.fixture
-def pages(browser: Any) -> Iterator[Any]:
+def pages(browser: Any) -> Iterator[Pages]:
     """Pages opened in `browser` for one test, each in a context of its own."""
-    from tests.browser_support import Pages
-
     opened = Pages(browser)
     yield opened
     opened.close()

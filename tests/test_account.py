@@ -7,15 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from keymeai.ledger import keys
 from keymeai.ledger.billing import parse_usd
-from tests.browser_support import (
-    Pages,
-    field,
-    number,
-    screenshot,
-    use,
-)
-from tests.conftest import Gateway
-from tests.support import usage_records
+from tests.helpers.browser import Pages, field, number, screenshot, use
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Response

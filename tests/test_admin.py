@@ -12,12 +12,12 @@ import pytest
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import utcnow
-from tests.billing_support import ADMIN_TOKEN, Admin, admin_gateway, openai_error
-from tests.conftest import Gateway
-from tests.support import usage_records
-from tests.test_admin_guessing import from_address
+from tests.helpers.admin import ADMIN_TOKEN, Admin, admin_gateway, from_address
+from tests.helpers.clients import HI
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
-HI = [{"role": "user", "content": "hi"}]  # 4 prompt tokens for the fake
 ENDPOINTS = [
     ("POST", "/keys"),
     ("GET", "/keys"),
@@ -41,7 +41,7 @@ def test_disabled_without_the_admin_token(gateway: Gateway) -> None:
         for method, path in ENDPOINTS:
             response = client.request(method, path, json={"name": "x", "tier": "free"})
             assert response.status_code == 404, (method, path)
-            error = openai_error(response)
+            error = assert_openai_error(response)
             assert error["code"] == "admin_api_disabled"
             assert "disabled" in error["message"]
     assert [row.name for row in keys.list_keys()] == ["existing"]
@@ -68,7 +68,7 @@ def test_refused_without_the_right_token(admin: tuple[Gateway, Admin]) -> None:
                 method, f"{gateway.url}/admin{path}", headers=header, json={}, timeout=10
             )
             assert response.status_code == 401, (header, method, path)
-            error = openai_error(response)
+            error = assert_openai_error(response)
             assert error["code"] == "invalid_admin_token"
             assert ADMIN_TOKEN not in response.text and customer not in response.text
     assert [row.name for row in keys.list_keys()] == ["test"]
@@ -233,7 +233,7 @@ def test_create_mistakes_are_openai_shaped_400s(admin: tuple[Gateway, Admin]) ->
         else:
             response = api.post("/keys", json=body)
         assert response.status_code == 400, (body, response.text)
-        error = openai_error(response)
+        error = assert_openai_error(response)
         assert (error["param"], error["type"]) == (param, "invalid_request_error"), body
         assert all(needle in error["message"] for needle in needles), (body, error)
     assert keys.list_keys() == []
@@ -244,14 +244,14 @@ def test_odd_json_is_refused(admin: tuple[Gateway, Admin]) -> None:
     for body in (b'{"name": "\\ud800", "tier": "free"}', b'{"\\udcb4": 1}'):
         response = api.post("/keys", data=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 400, response.text  # lone surrogates: not text
-        openai_error(response)
+        assert_openai_error(response)
     for field in ("spend_cap", "tokens_per_month"):
         body = b'{"name": "x", "tier": "free", "%s": 1e400}' % field.encode()
         response = api.post("/keys", data=body, headers={"Content-Type": "application/json"})
         assert response.status_code == 400  # refused while parsing: no number is infinite
-        assert "numbers must be finite" in openai_error(response)["message"]
+        assert "numbers must be finite" in assert_openai_error(response)["message"]
     text = api.post("/keys", data=b"{}", headers={"Content-Type": "text/plain"})
-    assert text.status_code == 400 and "Content-Type" in openai_error(text)["message"]
+    assert text.status_code == 400 and "Content-Type" in assert_openai_error(text)["message"]
 
 
 def test_key_references_and_update_mistakes(admin: tuple[Gateway, Admin]) -> None:
@@ -262,11 +262,11 @@ def test_key_references_and_update_mistakes(admin: tuple[Gateway, Admin]) -> Non
         for ref in ("999", "99999999999999999999", "km-nothere", "%C2%B2"):
             response = api.request(method, path.format(ref), json={})
             assert response.status_code == 404, (method, ref)
-            assert openai_error(response)["code"] == "key_not_found"
+            assert assert_openai_error(response)["code"] == "key_not_found"
     assert api.post("/keys/999/revoke").status_code == 404
     full = api.get(f"/keys/{created['key']}")
     assert full.status_code == 400 and created["key"] not in full.text
-    assert "never by the key itself" in openai_error(full)["message"]
+    assert "never by the key itself" in assert_openai_error(full)["message"]
 
     for body, param in [
         ({"name": None}, "name"),
@@ -279,10 +279,10 @@ def test_key_references_and_update_mistakes(admin: tuple[Gateway, Admin]) -> Non
     ]:
         response = api.patch(f"/keys/{key_id}", json=body)
         assert response.status_code == 400, body
-        assert openai_error(response)["param"] == param
+        assert assert_openai_error(response)["param"] == param
     assert api.get(f"/keys/{key_id}").json() == {k: v for k, v in created.items() if k != "key"}
     wrong_method = api.request("PUT", f"/keys/{key_id}", json={})
-    assert wrong_method.status_code == 405 and openai_error(wrong_method)
+    assert wrong_method.status_code == 405 and assert_openai_error(wrong_method)
 
 
 def test_usage_query_mistakes(admin: tuple[Gateway, Admin]) -> None:
@@ -298,7 +298,7 @@ def test_usage_query_mistakes(admin: tuple[Gateway, Admin]) -> None:
     ]:
         response = api.get("/usage", params=params)
         assert response.status_code == status, params
-        assert openai_error(response)["param"] == param
+        assert assert_openai_error(response)["param"] == param
 
 
 def test_admin_routes_are_not_rate_limited_nor_spend_the_customer_limit(

@@ -11,34 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-import redis
 import requests
-from requests.adapters import HTTPAdapter
 
-from tests.billing_support import ADMIN_TOKEN, admin_gateway, openai_error
-from tests.conftest import Gateway
-from tests.support import Gunicorn, free_port
+from tests.helpers.admin import ADMIN_TOKEN, admin_gateway, from_address
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.servers import Gateway, Gunicorn, free_port
+from tests.helpers.services import redis_client
 
 ADMIN_ENV = {"KEYMEAI_ADMIN_TOKEN": ADMIN_TOKEN}
 LIMIT = 10
-
-
-class SourceAddress(HTTPAdapter):
-    """Connections made from a given local address."""
-
-    def __init__(self, address: str) -> None:
-        self.address = address
-        super().__init__()
-
-    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
-        super().init_poolmanager(*args, source_address=(self.address, 0), **kwargs)
-
-
-def from_address(address: str) -> requests.Session:
-    """A requests session whose connections come from `address` (e.g. 127.0.0.2)."""
-    session = requests.Session()
-    session.mount("http://", SourceAddress(address))
-    return session
 
 
 class Client:
@@ -78,7 +59,7 @@ def assert_blocked(response: requests.Response) -> None:
         assert response.headers["Content-Type"] == "text/html; charset=utf-8"
         assert "Too many wrong admin tokens from your address" in response.text
     else:
-        error = openai_error(response)
+        error = assert_openai_error(response)
         assert error["code"] == "too_many_attempts"
         assert "Too many wrong admin tokens" in error["message"]
 
@@ -106,7 +87,7 @@ def test_wrong_tokens_count_together_on_admin_metrics_and_sign_in(
     wrong += [guesser.metrics(f"guess-{n}") for n in range(4)]
     wrong += [guesser.sign_in(f"guess-{n}") for n in range(2)]
     assert statuses(wrong) == [401] * LIMIT
-    assert openai_error(wrong[0])["code"] == "invalid_admin_token"
+    assert assert_openai_error(wrong[0])["code"] == "invalid_admin_token"
 
     eleventh = guesser.sign_in("guess-10")  # the 3rd sign-in: under the form's own 5 a minute
     assert_blocked(eleventh)
@@ -180,7 +161,7 @@ def test_the_count_is_shared_by_instances_and_ends_with_its_window(
 
     # The block is one Redis counter per address that expires with its one-minute window
     # (fixed from the first wrong token); removing it stands in for the wait.
-    store = redis.Redis.from_url(redis_url)
+    store = redis_client(redis_url)
     (counter,) = store.keys("*admin-token-guesses*")
     assert b"127.0.0.2" in counter and int(store.get(counter) or 0) == LIMIT
     assert 0 < store.pttl(counter) <= 60_000
@@ -198,7 +179,7 @@ def test_an_unreachable_storage_follows_on_storage_error(
     closed = Client(admin_gateway(start_gateway, config_data)[0].url, "127.0.0.2")
     for response in (closed.admin(ADMIN_TOKEN), closed.metrics("wrong")):
         assert response.status_code == 503
-        assert openai_error(response)["code"] == "ratelimit_unavailable"
+        assert assert_openai_error(response)["code"] == "ratelimit_unavailable"
     assert closed.sign_in(ADMIN_TOKEN).status_code == 503
 
     config_data["ratelimit"] = {"storage_uri": dead, "on_storage_error": "allow"}

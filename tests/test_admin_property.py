@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keymeai.ledger import keys
-from tests.billing_support import admin_gateway, openai_error
-from tests.checks import any_json, any_text
-from tests.conftest import Gateway
+from tests.helpers.admin import admin_gateway
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.servers import Gateway
+from tests.helpers.strategies import any_json, any_text
 
 _json = any_json(max_leaves=6)
 # Each field: values it accepts, mixed with anything JSON can hold.
@@ -40,7 +41,7 @@ _queries = st.dictionaries(
 def _check_answer(response: Any, ok: int) -> None:
     assert response.status_code in (ok, 400, 404), (response.status_code, response.text[:500])
     if response.status_code != ok:
-        openai_error(response)
+        assert_openai_error(response)
 
 
 def test_any_input_gets_a_key_a_report_or_a_4xx(start_gateway: Callable[..., Gateway]) -> None:

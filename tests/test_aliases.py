@@ -10,9 +10,10 @@ import pytest
 from keymeai.config import parse_config
 from keymeai.ledger import keys
 from keymeai.tables import ConfigError
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import PROVIDER_ENV, usage_records
+from tests.helpers.config import PROVIDER_ENV
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 ALIASES = ["claude-sonnet-4-5", "gpt-4o"]
 

@@ -19,10 +19,11 @@ import requests
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import utcnow
-from tests.checks import assert_openai_error
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import UPSTREAM_KEY, add_model, add_provider, usage_records
+from tests.helpers.config import UPSTREAM_KEY, add_model, add_provider
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 CHAT: dict[str, Any] = {
     "model": "deepseek-chat",

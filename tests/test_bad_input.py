@@ -17,8 +17,9 @@ import pytest
 import requests
 
 from keymeai.ledger import keys
-from tests.checks import GENERATED_REQUEST_ID, SMALL_BODY_LIMIT, Api, assert_openai_error
-from tests.support import usage_records
+from tests.helpers.clients import SMALL_BODY_LIMIT, Api
+from tests.helpers.errors import GENERATED_REQUEST_ID, assert_openai_error
+from tests.helpers.ledger import usage_records
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 VALID = {"model": "deepseek-chat", "messages": MESSAGES}

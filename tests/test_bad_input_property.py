@@ -15,8 +15,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.checks import Api, any_json, any_text, assert_openai_error
-from tests.support import usage_records
+from tests.helpers.clients import Api
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.ledger import usage_records
+from tests.helpers.strategies import any_json, any_text
 
 _json = any_json(max_leaves=8)
 # Where integer types end: int32, float64's exact range, int64, uint64.

@@ -19,10 +19,11 @@ from keymeai.config import parse_config
 from keymeai.ledger import db, keys, reports
 from keymeai.ledger.billing import Usage, cost_units, format_cost, parse_usd, to_usd
 from keymeai.ledger.db import connection
-from tests.billing_support import expected_cost, postgres_database
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import PRICES, PROVIDER_ENV, add_model, base_config, usage_records
+from tests.helpers.config import PRICES, PROVIDER_ENV, add_model, base_config
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import expected_cost, usage_records
+from tests.helpers.servers import Gateway
+from tests.helpers.services import postgres_database
 
 UNITS = Decimal(10) ** 10  # cost units per USD
 MODELS = list(PRICES)

@@ -6,8 +6,9 @@ import pytest
 from openai import OpenAI
 
 from keymeai.ledger.models import UsageRecord
-from tests.fake_upstream import FakeUpstream
-from tests.support import UPSTREAM_KEY, usage_records
+from tests.helpers.config import UPSTREAM_KEY
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
 
 MODELS = ["deepseek-chat", "deepseek-reasoner", "doubao-pro-32k", "qwen-max", "qwen-plus"]
 

@@ -18,8 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keymeai.ledger import keys
-from tests.processes import agent_cli
-from tests.support import Gunicorn, wait_for_records
+from tests.helpers.cli import agent_cli
+from tests.helpers.ledger import wait_for_records
+from tests.helpers.servers import Gunicorn
 
 # Every request Claude Code makes elsewhere (telemetry, updates, error reports) is off.
 QUIET = {

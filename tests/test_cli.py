@@ -11,7 +11,6 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import re
 import sqlite3
 import subprocess
@@ -27,10 +26,11 @@ import pytest
 
 from keymeai.ledger import keys, metering, reports
 from keymeai.ledger.models import utcnow
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.processes import run_together
-from tests.support import PROVIDER_ENV, add_model, add_provider, usage_records, write_toml
+from tests.helpers.cli import cli_env, run_together
+from tests.helpers.config import add_model, add_provider
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 KEY_LINE = re.compile(r"km-[A-Za-z0-9_-]{32,}")
 PLAIN_COST = re.compile(r"\d+\.\d{10}")
@@ -51,12 +51,7 @@ def cli(config_data: dict[str, Any], tmp_path: Path) -> Cli:
     config_data["gateway"]["key_cache_seconds"] = 0.2  # changes reach the gateway quickly
 
     def run(*commands: list[str], env: dict[str, str] | None = None):
-        path = write_toml(config_data, tmp_path / "cli.toml")
-        environ = {**os.environ, **PROVIDER_ENV, "KEYMEAI_CONFIG": str(path), **(env or {})}
-        for name in ("DATABASE_URL", "REDIS_URL", "RATELIMIT_STORAGE_URI"):
-            if name not in (env or {}):
-                environ.pop(name, None)
-        return run_together(environ, list(commands), timeout=60)
+        return run_together(cli_env(config_data, tmp_path, **(env or {})), list(commands))
 
     return run
 

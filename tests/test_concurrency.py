@@ -11,48 +11,16 @@ from typing import Any
 
 import httpx2
 import pytest
-from openai import OpenAI
-from peewee import fn
 
 from keymeai.ledger import keys
-from keymeai.ledger.db import connection
-from keymeai.ledger.models import UsageDaily, UsageRecord
-from tests.support import Gunicorn, wait_for_records
+from tests.helpers.clients import sdk
+from tests.helpers.ledger import record_sums, rollup_sums, wait_for_records
+from tests.helpers.servers import Gunicorn
 
 pytestmark = [pytest.mark.both_databases, pytest.mark.redis]
 
 MODELS = ["deepseek-chat", "deepseek-reasoner", "doubao-pro-32k", "qwen-max", "qwen-plus"]
 REQUESTS = 200
-
-
-def record_sums() -> dict[tuple[int, str], tuple[int, ...]]:
-    with connection():
-        query = UsageRecord.select(
-            UsageRecord.key,
-            UsageRecord.model,
-            fn.COUNT(UsageRecord.id),
-            fn.SUM(UsageRecord.prompt_tokens),
-            fn.SUM(UsageRecord.completion_tokens),
-            fn.SUM(UsageRecord.cached_tokens),
-            fn.SUM(UsageRecord.total_tokens),
-            fn.SUM(UsageRecord.cost_units),
-        ).group_by(UsageRecord.key, UsageRecord.model)
-        return {(k, m): tuple(int(v) for v in rest) for k, m, *rest in query.tuples()}
-
-
-def rollup_sums() -> dict[tuple[int, str], tuple[int, ...]]:
-    with connection():
-        query = UsageDaily.select(
-            UsageDaily.key,
-            UsageDaily.model,
-            fn.SUM(UsageDaily.requests),
-            fn.SUM(UsageDaily.prompt_tokens),
-            fn.SUM(UsageDaily.completion_tokens),
-            fn.SUM(UsageDaily.cached_tokens),
-            fn.SUM(UsageDaily.total_tokens),
-            fn.SUM(UsageDaily.cost_units),
-        ).group_by(UsageDaily.key, UsageDaily.model)
-        return {(k, m): tuple(int(v) for v in rest) for k, m, *rest in query.tuples()}
 
 
 def test_two_workers_record_200_concurrent_requests_exactly_once(
@@ -68,10 +36,9 @@ def test_two_workers_record_200_concurrent_requests_exactly_once(
     )
     plain = [keys.create_key(f"k{i}", "standard")[1] for i in range(3)]
     clients = [
-        OpenAI(
-            base_url=f"{server.url}/v1",
-            api_key=key,
-            max_retries=0,
+        sdk(
+            server.url,
+            key,
             http_client=httpx2.Client(limits=httpx2.Limits(max_keepalive_connections=0)),
         )
         for key in plain

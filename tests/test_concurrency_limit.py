@@ -6,7 +6,6 @@ worker's slots lapse with their lease."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -21,18 +20,16 @@ import requests
 from openai import OpenAI, Stream
 
 from keymeai.ledger import keys
-from tests.billing_support import admin_gateway
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import HI, MODEL, RedisServer, cli, sdk, wait_until, worker_pids
-from tests.support import (
-    ROUTED_MODEL,
-    Gunicorn,
-    add_route,
-    free_port,
-    usage_records,
-    wait_for_records,
-)
+from tests.helpers.admin import admin_gateway
+from tests.helpers.browser import field, screenshot, sign_in
+from tests.helpers.cli import invoke
+from tests.helpers.clients import HI, sdk, wait_until
+from tests.helpers.config import MODEL
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.routing import ROUTED_MODEL, add_route
+from tests.helpers.servers import Gateway, Gunicorn, free_port, worker_pids
+from tests.helpers.services import RedisServer, redis_client
 
 SLOW = {"words": 400, "interval": 0.05}  # a stream of about 20 s, unless closed
 
@@ -168,15 +165,15 @@ def test_the_key_override_beats_the_tier_set_by_admin_api_and_cli(
     streams.pop().close()
     streams.append(admitted_within(client))
 
-    result = cli(gateway.app, "keys", "set-limits", str(created["id"]), "--max-concurrent", "5")
+    result = invoke(gateway.app, "keys", "set-limits", str(created["id"]), "--max-concurrent", "5")
     assert result.exit_code == 0 and "concurrent 5" in result.output
-    listed = cli(gateway.app, "keys", "list").output
+    listed = invoke(gateway.app, "keys", "list").output
     assert "5 concurrent" in listed
     streams += [hold(client) for _ in range(3)]
     assert "at most 5 at once" in refusal(client).message
     assert admin.get(f"/keys/{created['id']}").json()["max_concurrent"] == 5
 
-    result = cli(gateway.app, "keys", "set-limits", str(created["id"]), "--clear")
+    result = invoke(gateway.app, "keys", "set-limits", str(created["id"]), "--clear")
     assert result.exit_code == 0 and "concurrent from tier" in result.output
     assert keys.find_key(created["key"]).max_concurrent is None
     assert "at most 2 at once" in refusal(client).message
@@ -188,7 +185,7 @@ def test_the_key_override_beats_the_tier_set_by_admin_api_and_cli(
         response = admin.patch(f"/keys/{created['id']}", json={"max_concurrent": value})
         assert response.status_code == 400, value
         assert response.json()["error"]["param"] == "max_concurrent"
-    bad = cli(gateway.app, "keys", "set-limits", "1", "--max-concurrent", "0")
+    bad = invoke(gateway.app, "keys", "set-limits", "1", "--max-concurrent", "0")
     assert bad.exit_code == 2 and "--max-concurrent" in bad.output
     assert keys.find_key(created["key"]).max_concurrent is None
 
@@ -196,8 +193,6 @@ def test_the_key_override_beats_the_tier_set_by_admin_api_and_cli(
 def test_the_dashboard_sets_and_clears_the_bound(
     start_gateway: Callable[..., Gateway], bounded: dict[str, Any], pages: Any
 ) -> None:
-    from tests.browser_support import field, screenshot, sign_in
-
     gateway = admin_gateway(start_gateway, bounded)[0]
     key = gateway.create_key("free", name="Initech")
     row = keys.find_key(key)
@@ -238,7 +233,7 @@ LEASE = 1.0  # seconds; renewed every third of it
 def shared_redis(bounded: dict[str, Any], redis_url: str) -> Iterator[redis.Redis]:
     """The test's Redis database as the limits' storage, with 1 s concurrency leases."""
     bounded["ratelimit"] = {"storage_uri": redis_url, "concurrency_lease_seconds": LEASE}
-    client = redis.Redis.from_url(redis_url)
+    client = redis_client(redis_url)
     yield client
     client.close()
 
@@ -330,28 +325,22 @@ def test_unreachable_redis_allow_counts_in_memory(
 
 
 def test_two_storage_round_trips_per_bounded_request(
-    start_gateway: Callable[..., Gateway], bounded: dict[str, Any]
+    start_gateway: Callable[..., Gateway], bounded: dict[str, Any], redis_server: RedisServer
 ) -> None:
     """One script call takes the slot, one ZREM gives it back; nothing else per request
     (leases are renewed only for requests running longer than a third of the lease)."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
-    store = RedisServer().start()
-    try:
-        bounded["ratelimit"] = {"storage_uri": store.url}
-        gateway = start_gateway(bounded)
-        client = gateway.client(gateway.create_key("free"))
-        client.chat.completions.create(model=MODEL, messages=HI)  # loads the scripts
-        redis.Redis(port=store.port).config_resetstat()
-        for _ in range(10):
-            client.chat.completions.create(model=MODEL, messages=HI)
-        calls = store.commands()
-        for own in ("hello", "config|resetstat", "info"):  # the test's own client
-            calls.pop(own, None)
-        inside = {"incrby", "pttl", "time", "zremrangebyscore", "zcard", "zadd", "pexpire"}
-        assert {name: n for name, n in calls.items() if name not in inside} == {
-            "evalsha": 20,
-            "zrem": 10,
-        }
-    finally:
-        store.kill()
+    bounded["ratelimit"] = {"storage_uri": redis_server.url}
+    gateway = start_gateway(bounded)
+    client = gateway.client(gateway.create_key("free"))
+    client.chat.completions.create(model=MODEL, messages=HI)  # loads the scripts
+    redis_server.client().config_resetstat()
+    for _ in range(10):
+        client.chat.completions.create(model=MODEL, messages=HI)
+    calls = redis_server.commands()
+    for own in ("hello", "config|resetstat", "info"):  # the test's own client
+        calls.pop(own, None)
+    inside = {"incrby", "pttl", "time", "zremrangebyscore", "zcard", "zadd", "pexpire"}
+    assert {name: n for name, n in calls.items() if name not in inside} == {
+        "evalsha": 20,
+        "zrem": 10,
+    }

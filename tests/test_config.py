@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from keymeai.config import ConfigError, load_config, parse_config
-from tests.support import PROVIDER_ENV, ROOT, base_config, write_toml
+from tests.helpers.cli import flask_command
+from tests.helpers.config import PROVIDER_ENV, ROOT, base_config, write_toml
 
 SHIPPED = ROOT / "config.toml"
 
@@ -164,7 +165,7 @@ def test_invalid_toml_and_missing_file(tmp_path: Path) -> None:
     "command",
     [
         [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "app:app"],
-        [sys.executable, "-m", "flask", "--app", "app", "keys", "list"],
+        flask_command("keys", "list"),
     ],
     ids=["gunicorn", "flask-cli"],
 )

@@ -7,18 +7,14 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
-
-import pytest
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import utcnow
 from keymeai.ledger.quota import format_usd
 from keymeai.operator.pages import when
-from tests.billing_support import ADMIN_TOKEN, admin_gateway
-from tests.browser_support import (
-    HI,
+from tests.helpers.admin import ADMIN_TOKEN
+from tests.helpers.browser import (
     Pages,
     field,
     number,
@@ -28,17 +24,12 @@ from tests.browser_support import (
     table_column,
     use,
 )
-from tests.conftest import Gateway
-from tests.support import usage_records
+from tests.helpers.clients import HI
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 if TYPE_CHECKING:
     pass
-
-
-@pytest.fixture
-def operator(start_gateway: Callable[..., Gateway]) -> Gateway:
-    """A gateway with the admin token set, so the dashboard is on."""
-    return admin_gateway(start_gateway)[0]
 
 
 def _previous_month() -> str:

@@ -7,23 +7,16 @@ import datetime as dt
 import hashlib
 from collections.abc import Callable
 
-import pytest
 import requests
 
 from keymeai.ledger import keys
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import DashboardSession, utcnow
 from keymeai.operator.sessions import IDLE, TOUCH_EVERY
-from tests.billing_support import ADMIN_TOKEN, admin_gateway
-from tests.conftest import Gateway
-from tests.test_pages import csrf, signed_in
+from tests.helpers.admin import ADMIN_TOKEN, csrf, signed_in
+from tests.helpers.servers import Gateway
 
 COOKIE = "keymeai_dashboard"
-
-
-@pytest.fixture
-def operator(start_gateway: Callable[..., Gateway]) -> Gateway:
-    return admin_gateway(start_gateway)[0]
 
 
 def rows() -> list[DashboardSession]:

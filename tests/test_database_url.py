@@ -11,8 +11,8 @@ from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from keymeai.config import ConfigError
 from keymeai.ledger import db
-from tests import services
-from tests.processes import cli_env, flask_cli
+from tests.helpers import services
+from tests.helpers.cli import cli_env, flask_cli
 
 AWKWARD_PASSWORD = "p@ss/w:rd%?#"
 

@@ -6,8 +6,8 @@ import openai
 import pytest
 from openai import OpenAI
 
-from tests.fake_upstream import FakeUpstream
-from tests.support import usage_records
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
 
 # One model per provider shape: DeepSeek, Ark, DashScope.
 MODELS = ["deepseek-chat", "doubao-pro-32k", "qwen-plus"]

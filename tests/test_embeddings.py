@@ -15,9 +15,11 @@ from keymeai.config import parse_config
 from keymeai.ledger import keys
 from keymeai.ledger.billing import Usage, cost_units
 from keymeai.tables import ConfigError
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream, embedding_vector
-from tests.support import PROVIDER_ENV, add_provider, usage_records
+from tests.helpers.config import PROVIDER_ENV, add_provider
+from tests.helpers.fake_replies import embedding_vector
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 EMBEDDING_MODELS = {  # gateway id -> (provider, upstream model)
     "text-embedding-v4": ("dashscope", "text-embedding-v4"),

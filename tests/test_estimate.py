@@ -23,7 +23,8 @@ from keymeai.tokens import (
     estimate_tenths,
     tokens,
 )
-from tests.support import PRICES, PROVIDER_ENV, base_config
+from tests.helpers.clients import HI
+from tests.helpers.config import PRICES, PROVIDER_ENV, base_config
 
 MODEL = Model(
     id="deepseek-chat",
@@ -32,7 +33,6 @@ MODEL = Model(
     upstreams=(),
     price=Price(**{k: Decimal(str(v)) for k, v in PRICES["deepseek-chat"].items()}),
 )
-HI = [{"role": "user", "content": "hi"}]
 WEATHER = {
     "type": "function",
     "function": {

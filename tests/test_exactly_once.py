@@ -25,8 +25,9 @@ from keymeai.ledger.db import connection, db
 from keymeai.ledger.keys import KeyInfo, create_key
 from keymeai.ledger.metering import Meter
 from keymeai.ledger.models import QuotaReservation, UsageDaily, UsageRecord
-from tests.conftest import Gateway, build_config
-from tests.support import usage_records
+from tests.helpers.config import build_config
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 pytestmark = pytest.mark.both_databases
 

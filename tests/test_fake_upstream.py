@@ -23,10 +23,8 @@ import openai
 import pytest
 import requests
 
-try:
-    from tests.fake_upstream import SHAPES, FakeUpstream, embedding_vector
-except ImportError:  # tests/ is on sys.path (pytest rootdir-less import)
-    from fake_upstream import SHAPES, FakeUpstream, embedding_vector
+from tests.helpers.fake_replies import SHAPES, embedding_vector
+from tests.helpers.fake_upstream import FakeUpstream
 
 KEY = "sk-fake-upstream"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -46,7 +44,8 @@ def fake(server: FakeUpstream) -> FakeUpstream:
 
 
 def client(fake: FakeUpstream, shape: str = "deepseek", mode: str = "ok", **kw):
-    return openai.OpenAI(base_url=fake.base_url(shape, mode), api_key=KEY, max_retries=0, **kw)
+    options = {"max_retries": 0, "timeout": 30, **kw}
+    return openai.OpenAI(base_url=fake.base_url(shape, mode), api_key=KEY, **options)
 
 
 def post(
@@ -292,7 +291,9 @@ def test_embeddings_refuse_what_dashscope_refuses(fake: FakeUpstream) -> None:
 
 
 def test_wrong_api_key_is_401_and_recorded(fake: FakeUpstream) -> None:
-    sdk = openai.OpenAI(base_url=fake.base_url("deepseek"), api_key="sk-wrong-abcd", max_retries=0)
+    sdk = openai.OpenAI(
+        base_url=fake.base_url("deepseek"), api_key="sk-wrong-abcd", max_retries=0, timeout=30
+    )
     with pytest.raises(openai.AuthenticationError):
         sdk.chat.completions.create(model="m", messages=MSGS)
     res = requests.post(fake.base_url("deepseek") + "/chat/completions", json={}, timeout=10)

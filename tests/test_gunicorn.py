@@ -26,9 +26,12 @@ import requests
 from openai import OpenAI
 
 from keymeai.ledger import keys
-from tests.metrics_support import scrape, value
-from tests.processes import cli_env
-from tests.support import ROOT, UPSTREAM_KEY, Gunicorn, free_port, wait_for_records
+from tests.helpers import clients
+from tests.helpers.cli import cli_env
+from tests.helpers.config import ROOT, UPSTREAM_KEY
+from tests.helpers.ledger import wait_for_records
+from tests.helpers.metrics import scrape, value
+from tests.helpers.servers import Gunicorn, free_port
 
 Start = Callable[..., Gunicorn]
 
@@ -38,8 +41,7 @@ def sdk(server: Gunicorn, key: str, fresh_connections: bool = False) -> OpenAI:
     options: dict[str, Any] = {}
     if fresh_connections:
         options["http_client"] = httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
-    options = {"max_retries": 0, "timeout": 60, **options}
-    return OpenAI(base_url=f"{server.url}/v1", api_key=key, **options)
+    return clients.sdk(server.url, key, **options)
 
 
 def worker_pids(server: Gunicorn, count: int, timeout: float = 20) -> list[int]:

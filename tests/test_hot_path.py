@@ -18,7 +18,7 @@ from keymeai.api.concurrency import UNBOUNDED, Slot
 from keymeai.ledger.journal import _line
 from keymeai.ops.health import new_request_id
 from keymeai.ops.logs import JsonFormatter
-from tests.checks import GENERATED_REQUEST_ID
+from tests.helpers.errors import GENERATED_REQUEST_ID
 
 BEYOND_64_BITS = 2**70 + 1
 

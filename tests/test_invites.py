@@ -16,10 +16,11 @@ from keymeai.ledger.db import connection
 from keymeai.ledger.models import InviteCode, utcnow
 from keymeai.operator import invites
 from keymeai.tables import ConfigError
-from tests.billing_support import Admin, admin_gateway, openai_error
-from tests.conftest import Gateway
-from tests.processes import cli_env, flask_cli, start_flask
-from tests.support import PROVIDER_ENV
+from tests.helpers.admin import Admin, admin_gateway
+from tests.helpers.cli import cli_env, flask_cli, run_together
+from tests.helpers.config import PROVIDER_ENV
+from tests.helpers.errors import assert_openai_error
+from tests.helpers.servers import Gateway
 
 
 def test_cli_create_list_revoke_and_keys_list_shows_the_origin(
@@ -56,10 +57,10 @@ def test_cli_create_list_revoke_and_keys_list_shows_the_origin(
         "--uses": ["create", "--tier", "free", "--uses", "0"],
         "no invite code": ["revoke", "inv-nothing"],
     }
-    running = {words: start_flask(env, "invites", *args) for words, args in mistakes.items()}
-    for words, process in running.items():  # run together: each command takes a second
-        _, stderr = process.communicate(timeout=60)
-        assert process.returncode != 0 and words in stderr, stderr
+    commands = [["invites", *args] for args in mistakes.values()]
+    done = run_together(env, commands)  # together: each command takes a second
+    for words, result in zip(mistakes, done, strict=True):
+        assert result.returncode != 0 and words in result.stderr, result.stderr
 
 
 def test_admin_api_creates_lists_and_revokes_codes(start_gateway: Callable[..., Gateway]) -> None:
@@ -92,7 +93,7 @@ def test_admin_api_creates_lists_and_revokes_codes(start_gateway: Callable[..., 
     ]:
         bad = api.post("/invites", json=body)
         assert bad.status_code == 400, body
-        assert openai_error(bad)["param"] == param, bad.text
+        assert assert_openai_error(bad)["param"] == param, bad.text
     assert api.post("/invites/999/revoke").status_code == 404
     assert api.post(f"/invites/{code}/revoke").status_code == 400  # never in a URL
     assert Admin(gateway.url, token=None).get("/invites").status_code == 401

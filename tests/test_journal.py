@@ -33,9 +33,10 @@ from keymeai.ledger.db import connection, db, is_sqlite
 from keymeai.ledger.keys import KeyInfo, create_key
 from keymeai.ledger.metering import Meter
 from keymeai.ledger.models import QuotaReservation, UsageDaily, UsageRecord
-from tests.conftest import build_config
-from tests.limit_support import HI, MODEL, reservations, sdk, wait_until, worker_pids
-from tests.support import Gunicorn, usage_records
+from tests.helpers.clients import HI, sdk, wait_until
+from tests.helpers.config import MODEL, build_config
+from tests.helpers.ledger import reservations, usage_records
+from tests.helpers.servers import Gunicorn, worker_pids
 
 pytestmark = pytest.mark.both_databases
 

@@ -18,13 +18,12 @@ import pytest
 from keymeai.ledger.db import connection
 from keymeai.ledger.keys import hash_key
 from keymeai.ledger.models import ApiKey, utcnow
-from tests.billing_support import Admin, admin_gateway, expected_cost, run_cli
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import cli
-from tests.support import usage_records
-
-HI = [{"role": "user", "content": "hi"}]  # 4 prompt tokens for the fake
+from tests.helpers.admin import Admin, admin_gateway
+from tests.helpers.cli import cli_env, flask_cli, invoke
+from tests.helpers.clients import HI
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import expected_cost, usage_records
+from tests.helpers.servers import Gateway
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_a_key_past_its_expiry_is_refused(gateway: Gateway) -> None:
     """The CLI refuses an expiry in the past, so the key is made to expire by moving its
     expiry back in the ledger, as time passing would."""
     tomorrow = (utcnow() + dt.timedelta(days=1)).date().isoformat()
-    result = cli(gateway.app, "keys", "create", "--name", "old", "--tier", "free", "--expires",
+    result = invoke(gateway.app, "keys", "create", "--name", "old", "--tier", "free", "--expires",
                  tomorrow)  # fmt: skip
     plain = result.output.splitlines()[-1]
     with connection():
@@ -122,7 +121,7 @@ def test_sign_up_flow_to_the_month_csv(
     signup = api.post("/keys", json={"name": "Acme, Inc.", "tier": "hobby", "spend_cap": "10"})
     assert signup.status_code == 201
     created = signup.json()
-    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=created["key"], max_retries=0)
+    client = gateway.client(created["key"])
 
     answer = client.chat.completions.create(
         model="deepseek-chat", messages=HI, extra_body={"fake": {"words": 20, "cached": 3}}
@@ -155,8 +154,8 @@ def test_sign_up_flow_to_the_month_csv(
 
     month = f"{utcnow():%Y-%m}"
     key_id = str(created["id"])
-    result = run_cli(
-        config_data, tmp_path / "cli.toml",
+    result = flask_cli(
+        cli_env(config_data, tmp_path),
         "usage", "report", "--month", month, "--key", key_id, "--format", "csv",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -1,7 +1,7 @@
 """A key's name and expiry follow one rule, whether set by the admin API or the CLI.
 
 Each value is sent both ways: `flask --app app keys create` run for real in a subprocess
-(tests/processes.py) and POST /admin/keys on a live gateway over the same ledger. The
+(tests/helpers/cli.py) and POST /admin/keys on a live gateway over the same ledger. The
 CLI refuses exactly what the API refuses, as a click usage error (exit code 2, no
 traceback) with the API's own message, and stores exactly what the API stores.
 """
@@ -19,9 +19,9 @@ import pytest
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import utcnow
-from tests.billing_support import Admin, admin_gateway
-from tests.conftest import Gateway
-from tests.processes import cli_env, run_together
+from tests.helpers.admin import Admin, admin_gateway
+from tests.helpers.cli import cli_env, run_together
+from tests.helpers.servers import Gateway
 
 # Run one at a time, these commands take seconds each: they are started together.
 Run = Callable[[list[list[str | bytes]]], list[subprocess.CompletedProcess[str]]]

@@ -14,10 +14,12 @@ import requests
 from flask import request
 
 from keymeai.ledger import keys
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import HI, MODEL, ask, cli, hammer, sdk
-from tests.support import Gunicorn, usage_records, write_toml
+from tests.helpers.cli import invoke
+from tests.helpers.clients import HI, ask, hammer, sdk
+from tests.helpers.config import MODEL, write_toml
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway, Gunicorn
 
 DURATION = re.compile(r"\d+ms|(\d+h)?(\d+m)?\d+s")
 # A day-long window that opened moments ago: ceil(86400 - elapsed) seconds.
@@ -61,13 +63,13 @@ def test_free_key_gets_exactly_100_requests_then_429(
 
 def test_auth_comes_before_the_limit(gateway: Gateway) -> None:
     key = gateway.create_key("free")
-    cli(gateway.app, "keys", "set-limits", key_id(key), "--requests", "1 per day")
+    invoke(gateway.app, "keys", "set-limits", key_id(key), "--requests", "1 per day")
     ask(gateway.client(key))
     with pytest.raises(openai.RateLimitError):
         ask(gateway.client(key))
     with pytest.raises(openai.AuthenticationError):
         ask(gateway.client(key[:-4] + "AAAA"))
-    cli(gateway.app, "keys", "revoke", key_id(key))
+    invoke(gateway.app, "keys", "revoke", key_id(key))
     with pytest.raises(openai.AuthenticationError):
         ask(gateway.client(key))
 
@@ -114,7 +116,7 @@ def test_scale_key_gets_its_own_limits_from_set_limits(
     client = gateway.client(key)
     assert ask(client).headers["x-ratelimit-limit-requests"] == "10000"
 
-    result = cli(
+    result = invoke(
         gateway.app,
         "keys",
         "set-limits",
@@ -138,10 +140,10 @@ def test_scale_key_gets_its_own_limits_from_set_limits(
     assert 3500 < int(headers["retry-after"]) <= 3600
     assert "3 per 1 hour" in caught.value.message
 
-    listed = gateway.app.test_cli_runner().invoke(args=["keys", "list"])
+    listed = invoke(gateway.app, "keys", "list")
     assert "100 per minute;3 per hour" in listed.output
 
-    cleared = cli(gateway.app, "keys", "set-limits", key_id(key), "--clear")
+    cleared = invoke(gateway.app, "keys", "set-limits", key_id(key), "--clear")
     assert "requests from tier" in cleared.output
     assert ask(client).headers["x-ratelimit-limit-requests"] == "10000"
     assert upstream.count() == 5
@@ -164,7 +166,7 @@ def test_scale_key_gets_its_own_limits_from_set_limits(
 )
 def test_set_limits_rejects_bad_values(gateway: Gateway, args: list[str], message: str) -> None:
     key = gateway.create_key("scale")
-    result = cli(gateway.app, "keys", "set-limits", key_id(key), *args)
+    result = invoke(gateway.app, "keys", "set-limits", key_id(key), *args)
     assert result.exit_code == 2
     assert message in result.output
     row = keys.find_key(key)
@@ -173,7 +175,7 @@ def test_set_limits_rejects_bad_values(gateway: Gateway, args: list[str], messag
 
 def test_set_limits_stores_exact_values_and_clear_drops_them(gateway: Gateway) -> None:
     key = gateway.create_key("scale")
-    result = cli(
+    result = invoke(
         gateway.app,
         "keys",
         "set-limits",
@@ -187,13 +189,13 @@ def test_set_limits_stores_exact_values_and_clear_drops_them(gateway: Gateway) -
     assert "tokens/month 123456, spend cap/month $25.10" in result.output
     row = keys.find_key(key)
     assert (row.tokens_per_month, row.spend_cap_units) == (123456, 251_000_000_000)
-    assert "$25.10/month" in gateway.app.test_cli_runner().invoke(args=["keys", "list"]).output
-    cli(gateway.app, "keys", "set-limits", key_id(key), "--spend-cap", "0.0000000001")
+    assert "$25.10/month" in invoke(gateway.app, "keys", "list").output
+    invoke(gateway.app, "keys", "set-limits", key_id(key), "--spend-cap", "0.0000000001")
     assert keys.find_key(key).spend_cap_units == 1
-    cli(gateway.app, "keys", "set-limits", key_id(key), "--clear")
+    invoke(gateway.app, "keys", "set-limits", key_id(key), "--clear")
     row = keys.find_key(key)
     assert (row.request_limits, row.tokens_per_month, row.spend_cap_units) == (None, None, None)
-    unknown = cli(gateway.app, "keys", "set-limits", "999999", "--clear")
+    unknown = invoke(gateway.app, "keys", "set-limits", "999999", "--clear")
     assert unknown.exit_code == 1 and "no key with id 999999" in unknown.output
 
 
@@ -201,7 +203,7 @@ def test_sdk_retry_waits_for_retry_after_and_succeeds(
     gateway: Gateway, upstream: FakeUpstream
 ) -> None:
     key = gateway.create_key("scale")
-    cli(gateway.app, "keys", "set-limits", key_id(key), "--requests", "2 per 2 second")
+    invoke(gateway.app, "keys", "set-limits", key_id(key), "--requests", "2 per 2 second")
     statuses: list[int] = []
 
     def record(response: Any) -> None:

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
 import pytest
-import redis
 import requests
 
 from keymeai.ledger import keys
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import RedisServer, ask, hammer, outcome, sdk
-from tests.support import Gunicorn, free_port, usage_records
+from tests.helpers.clients import ask, hammer, outcome, sdk
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway, Gunicorn, free_port
+from tests.helpers.services import RedisServer
 
 pytestmark = pytest.mark.redis
-
-
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
-    """A Redis of the test's own, on a free port, that the test may kill or freeze."""
-    if shutil.which("redis-server") is None:
-        if os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1":
-            pytest.fail("redis-server is required (KEYMEAI_REQUIRE_SERVICES=1)")
-        pytest.skip("redis-server is not installed")
-    server = RedisServer().start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
@@ -94,7 +80,7 @@ def test_one_storage_round_trip_per_request(
     gateway = start_gateway(storage(config_data, redis_server.url))
     client = gateway.client(gateway.create_key("standard"))
     ask(client)  # loads the script
-    redis.Redis(port=redis_server.port).config_resetstat()
+    redis_server.client().config_resetstat()
     for n in range(2, 12):
         raw = ask(client)
         assert raw.headers["x-ratelimit-remaining-requests"] == str(3000 - n)

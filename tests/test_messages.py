@@ -17,9 +17,9 @@ import requests
 
 from keymeai.api.anthropic import usage_of
 from keymeai.ledger import keys
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import Gunicorn, usage_records, wait_for_records
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.servers import Gateway, Gunicorn
 
 PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n fake image bytes").decode()
 WEATHER = {
@@ -88,6 +88,7 @@ def test_bearer_auth_and_beta_query(gateway: Gateway, key: str) -> None:
         base_url=gateway.url,
         auth_token=key,
         max_retries=0,
+        timeout=30,
         default_headers={"anthropic-beta": "claude-code-20250219"},
         default_query={"beta": "true"},
     )

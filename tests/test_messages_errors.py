@@ -16,9 +16,10 @@ import pytest
 import requests
 
 from keymeai.ledger import keys
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import ROUTED_MODEL, Routed, usage_records, wait_for_records
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.routing import ROUTED_MODEL, Routed
+from tests.helpers.servers import Gateway
 
 HELLO = [{"role": "user", "content": "hello there"}]
 

@@ -15,8 +15,9 @@ import requests
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.checks import Api, any_json, any_text
-from tests.support import usage_records
+from tests.helpers.clients import Api
+from tests.helpers.ledger import usage_records
+from tests.helpers.strategies import any_json, any_text
 
 _json = any_json(max_leaves=8)
 _block = st.one_of(

@@ -13,7 +13,7 @@ from playhouse.migrations import Runner
 
 from keymeai.ledger import db
 from keymeai.ledger.models import ApiKey, QuotaReservation, UsageDaily
-from tests.processes import cli_env, flask_cli, start_flask
+from tests.helpers.cli import cli_env, flask_cli, run_together
 
 pytestmark = pytest.mark.both_databases
 
@@ -72,11 +72,8 @@ def test_four_concurrent_upgrades_apply_each_migration_once(
     config_data: dict[str, Any], database_url: str, tmp_path: Path
 ) -> None:
     env = cli_env(config_data, tmp_path)
-    processes = [start_flask(env, "db", "upgrade") for _ in range(4)]
-    outputs_of = [p.communicate(timeout=60) for p in processes]
-    results = [
-        (p.returncode, out, err) for p, (out, err) in zip(processes, outputs_of, strict=True)
-    ]
+    done = run_together(env, [["db", "upgrade"]] * 4)
+    results = [(result.returncode, result.stdout, result.stderr) for result in done]
     assert [code for code, _, _ in results] == [0, 0, 0, 0], [err for _, _, err in results]
     outputs = sorted(out.strip() for _, out, _ in results)
     assert outputs == [f"Applied {', '.join(ALL)}."] + ["Schema is up to date."] * 3

@@ -12,9 +12,10 @@ from typing import Any
 
 import requests
 
-from tests.processes import cli_env, flask_cli
-from tests.services import require_postgres
-from tests.support import ROOT, Gunicorn, free_port
+from tests.helpers.cli import cli_env, flask_cli
+from tests.helpers.config import ROOT
+from tests.helpers.servers import Gunicorn, free_port
+from tests.helpers.services import require_postgres
 
 WARNING = "has no API key"
 

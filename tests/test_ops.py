@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -13,11 +12,11 @@ import requests
 from prometheus_client import REGISTRY
 
 from keymeai.ops import metrics
-from tests import services
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.metrics_support import scrape, value
-from tests.support import UPSTREAM_KEY, add_model, add_provider, free_port
+from tests.helpers import services
+from tests.helpers.config import UPSTREAM_KEY, add_model, add_provider
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.metrics import scrape, value
+from tests.helpers.servers import Gateway, free_port
 
 ADMIN_TOKEN = "admin-secret-0123456789"
 CHAT = "/v1/chat/completions"
@@ -59,26 +58,15 @@ def test_readyz_is_503_once_the_postgres_database_is_gone(
     assert requests.get(f"{gateway.url}/healthz", timeout=5).status_code == 200  # still alive
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[services.PrivateRedis]:
-    """A redis-server of this test's own, so that the test can stop it."""
-    server = services.PrivateRedis(tmp_path, free_port())
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        server.stop()
-
-
 def test_readyz_is_503_while_redis_is_down(
     start_gateway: Callable[..., Gateway],
     config_data: dict[str, Any],
-    own_redis: services.PrivateRedis,
+    redis_server: services.RedisServer,
 ) -> None:
-    config_data["ratelimit"]["storage_uri"] = own_redis.url
+    config_data["ratelimit"]["storage_uri"] = redis_server.url
     gateway = start_gateway()
     assert requests.get(f"{gateway.url}/readyz", timeout=5).status_code == 200
-    own_redis.stop()
+    redis_server.stop()
     ready = requests.get(f"{gateway.url}/readyz", timeout=10)
     assert ready.status_code == 503
     assert ready.json()["checks"] == {"ledger": True, "ratelimit_storage": False}

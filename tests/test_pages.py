@@ -5,7 +5,6 @@ the last-use query."""
 from __future__ import annotations
 
 import http.client
-import re
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -15,31 +14,13 @@ import requests
 
 from keymeai.ledger import db, keys, reports
 from keymeai.ledger.models import utcnow
-from tests.billing_support import ADMIN_TOKEN, Admin, admin_gateway
-from tests.browser_support import HI, use
-from tests.conftest import Gateway
-from tests.support import free_port, usage_records
+from tests.helpers.admin import ADMIN_TOKEN, Admin, admin_gateway, csrf, signed_in
+from tests.helpers.browser import use
+from tests.helpers.clients import HI
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway, free_port
 
 PAGES = ["/dashboard/", "/dashboard/signin", "/dashboard/keys/1", "/dashboard/usage.csv"]
-
-
-@pytest.fixture
-def operator(start_gateway: Callable[..., Gateway]) -> Gateway:
-    return admin_gateway(start_gateway)[0]
-
-
-def signed_in(gateway: Gateway, token: str = ADMIN_TOKEN) -> requests.Session:
-    session = requests.Session()
-    response = session.post(f"{gateway.url}/dashboard/signin", data={"token": token}, timeout=10)
-    assert response.status_code == 200 and response.url == f"{gateway.url}/dashboard/"
-    return session
-
-
-def csrf(session: requests.Session, url: str) -> str:
-    page = session.get(url, timeout=10).text
-    match = re.search(r'name="csrf" value="([^"]+)"', page)
-    assert match, page
-    return match.group(1)
 
 
 def assert_html_error(response: requests.Response, status: int, text: str) -> None:
@@ -95,7 +76,7 @@ def test_pages_answer_errors_in_html_and_the_api_in_json(operator: Gateway) -> N
     key_id = keys.find_key(operator.create_key("standard")).id
     token = csrf(session, f"{url}/dashboard/keys/{key_id}")
     bad_tier = session.post(
-        f"{url}/dashboard/keys/{key_id}/tier", data={"csrf": token, "tier": "gold"}
+        f"{url}/dashboard/keys/{key_id}/tier", data={"csrf": token, "tier": "gold"}, timeout=10
     )
     assert_html_error(bad_tier, 400, "unknown tier &#39;gold&#39;; configured tiers: free, hobby")
     for path in ("/account", "/dashboard/signin"):

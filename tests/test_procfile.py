@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests import services
-from tests.processes import OVERRIDES
-from tests.support import ROOT, free_port
+from tests.helpers import services
+from tests.helpers.cli import OVERRIDES
+from tests.helpers.config import ROOT
+from tests.helpers.servers import free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis]
 

@@ -7,32 +7,21 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 import openai
 import pytest
 import requests
 
-from keymeai.catalogue import Price
 from keymeai.ledger import keys
-from keymeai.ledger.billing import Usage, cost_units
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import QuotaReservation, utcnow
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import (
-    HI,
-    MODEL,
-    ask,
-    cli,
-    hammer,
-    reservations,
-    sdk,
-    wait_until,
-    worker_pids,
-)
-from tests.support import PRICES, Gunicorn, usage_records
+from tests.helpers.cli import invoke
+from tests.helpers.clients import HI, ask, hammer, sdk, wait_until
+from tests.helpers.config import MODEL
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import price_of, reservations, usage_records
+from tests.helpers.servers import Gateway, Gunicorn, worker_pids
 
 QUOTA = 2000
 # "hi" is 4 prompt tokens for the fake and for the gateway's estimate; with 146 words
@@ -228,11 +217,6 @@ def test_crashed_worker_request_is_recorded_lost(
     assert reservations() == 0
 
 
-def price_of(prompt: int, completion: int) -> int:
-    price = Price(**{name: Decimal(str(value)) for name, value in PRICES[MODEL].items()})
-    return cost_units(price, Usage(prompt, completion))
-
-
 @pytest.mark.parametrize("tier", ["standard", "hobby"])
 def test_spend_cap_refuses_once_reached(
     start_gateway: Callable[..., Gateway],
@@ -245,7 +229,7 @@ def test_spend_cap_refuses_once_reached(
     client = gateway.client(key)
     one = price_of(4, 96)
     assert one == 1_066_800  # 4 x 2700 + 96 x 11000 units of 1e-10 USD
-    result = cli(
+    result = invoke(
         gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--spend-cap", "0.0003"
     )
     assert result.exit_code == 0, result.output
@@ -261,7 +245,7 @@ def test_spend_cap_refuses_once_reached(
     assert upstream.count() == 3
     assert reservations() == 0
 
-    cli(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--spend-cap", "1.00")
+    invoke(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--spend-cap", "1.00")
     assert ask(client, {"words": 96}).status_code == 200
 
 

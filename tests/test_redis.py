@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import requests
 
-from tests import services
-from tests.conftest import Gateway
-from tests.support import free_port
+from tests.helpers import services
+from tests.helpers.servers import Gateway
 
 
 def chat_statuses(gateway: Gateway, key: str, count: int) -> list[int]:
@@ -28,7 +26,7 @@ def chat_statuses(gateway: Gateway, key: str, count: int) -> list[int]:
 
 
 def limiter_keys(url: str) -> list[str]:
-    with redis.Redis.from_url(url) as client:
+    with services.redis_client(url) as client:
         return [k.decode() for k in client.keys("*")]
 
 
@@ -66,21 +64,18 @@ def test_ratelimit_storage_uri_wins_over_redis_url(
 
 
 @pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[services.PrivateRedis]:
+def tls_redis(tmp_path: Path) -> Iterator[services.RedisServer]:
     """A TLS-only redis-server with a self-signed certificate, like hosted Redis."""
-    server = services.PrivateRedis(tmp_path, free_port(), tls=True)
-    try:
-        server.wait_ready(f"{server.url}?ssl_cert_reqs=none")
-        yield server
-    finally:
-        server.stop()
+    server = services.RedisServer(tmp_path, tls=True).start()
+    yield server
+    server.kill()
 
 
 @pytest.mark.parametrize("verify", ["none", "ca"])
 def test_rediss_url_holds_the_limits_over_tls(
     start_gateway: Callable[..., Gateway],
     tiny_tier: dict[str, Any],
-    tls_redis: services.PrivateRedis,
+    tls_redis: services.RedisServer,
     verify: str,
 ) -> None:
     query = "ssl_cert_reqs=none" if verify == "none" else f"ssl_ca_certs={tls_redis.cert_path}"
@@ -109,7 +104,7 @@ def test_rediss_with_an_unverifiable_certificate_is_not_ready(
 def test_tls_verify_false_accepts_a_self_signed_redis_url_as_given(
     start_gateway: Callable[..., Gateway],
     tiny_tier: dict[str, Any],
-    tls_redis: services.PrivateRedis,
+    tls_redis: services.RedisServer,
 ) -> None:
     """Heroku's REDIS_URL as it comes (no query string): `tls_verify = false` is enough."""
     tiny_tier["ratelimit"]["tls_verify"] = False

@@ -19,12 +19,12 @@ import pytest
 from keymeai.ledger import billing, keys, metering, reports
 from keymeai.ledger.billing import to_usd
 from keymeai.ledger.models import utcnow
-from tests.conftest import Gateway
-from tests.limit_support import cli
-from tests.support import usage_records
+from tests.helpers.cli import invoke
+from tests.helpers.clients import HI
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 COUNTS = ["requests", "prompt_tokens", "completion_tokens", "cached_tokens", "total_tokens"]
-HI = [{"role": "user", "content": "hi"}]
 
 
 def record(key_id: int, at: dt.datetime, model: str = "qwen-plus", **counts: int) -> None:
@@ -141,7 +141,7 @@ def test_cli_formats_share_the_rows_and_table_and_csv_end_with_totals(
     rows = reports.monthly_usage(utcnow().date())
     totals = reports.Totals.of(rows)
 
-    as_json = cli(gateway.app, "usage", "report", "--format", "json")
+    as_json = invoke(gateway.app, "usage", "report", "--format", "json")
     assert as_json.exit_code == 0, as_json.output
     items = json.loads(as_json.output, parse_float=Decimal)
     assert isinstance(items, list) and len(items) == len(rows)  # rows only, no totals
@@ -151,7 +151,7 @@ def test_cli_formats_share_the_rows_and_table_and_csv_end_with_totals(
     ]
     assert re.search(r'"cost": 0\.0999999999}', as_json.output)  # an exact number literal
 
-    as_csv = cli(gateway.app, "usage", "report", "--format", "csv")
+    as_csv = invoke(gateway.app, "usage", "report", "--format", "csv")
     lines = list(csv.reader(io.StringIO(as_csv.output)))
     assert lines[0] == list(reports.FIELDS)
     assert lines[1:-1] == [
@@ -164,7 +164,7 @@ def test_cli_formats_share_the_rows_and_table_and_csv_end_with_totals(
     ]  # fmt: skip
     assert sum(Decimal(line[-1]) for line in lines[1:-1]) == Decimal(lines[-1][-1])
 
-    table = cli(gateway.app, "usage", "report").output.splitlines()
+    table = invoke(gateway.app, "usage", "report").output.splitlines()
     assert table[0].split() == list(reports.FIELDS)
     assert len(table) == len(rows) + 2
     assert table[-1].split() == ["total", *lines[-1][3:]]
@@ -173,7 +173,9 @@ def test_cli_formats_share_the_rows_and_table_and_csv_end_with_totals(
 def test_cli_per_day_breakdown(gateway: Gateway, busy_month: tuple[int, int]) -> None:
     alice, bob = busy_month
     month = f"{utcnow():%Y-%m}"
-    out = cli(gateway.app, "usage", "report", "--by", "day", "--format", "json", "--month", month)
+    out = invoke(
+        gateway.app, "usage", "report", "--by", "day", "--format", "json", "--month", month
+    )
     items = json.loads(out.output, parse_float=Decimal)
     assert all(list(item) == ["day", *reports.FIELDS] for item in items)
     first = utcnow().date().replace(day=1).isoformat()
@@ -188,7 +190,7 @@ def test_cli_per_day_breakdown(gateway: Gateway, busy_month: tuple[int, int]) ->
     )
 
     args = ["usage", "report", "--by", "day", "--format", "csv", "--key", str(bob)]
-    lines = list(csv.reader(io.StringIO(cli(gateway.app, *args).output)))
+    lines = list(csv.reader(io.StringIO(invoke(gateway.app, *args).output)))
     assert lines[0] == ["day", *reports.FIELDS]
     assert {line[1] for line in lines[1:-1]} == {str(bob)}
     assert lines[-1][:4] == ["total", "", "", ""]
@@ -196,8 +198,8 @@ def test_cli_per_day_breakdown(gateway: Gateway, busy_month: tuple[int, int]) ->
 
 
 def test_an_empty_month_is_an_empty_list_and_a_zero_total(gateway: Gateway) -> None:
-    assert cli(gateway.app, "usage", "report", "--format", "json").output.strip() == "[]"
-    lines = cli(gateway.app, "usage", "report", "--format", "csv").output.splitlines()
+    assert invoke(gateway.app, "usage", "report", "--format", "json").output.strip() == "[]"
+    lines = invoke(gateway.app, "usage", "report", "--format", "csv").output.splitlines()
     assert lines == [",".join(reports.FIELDS), "total,,,0,0,0,0,0,0.0000000000"]
 
 
@@ -209,7 +211,7 @@ def test_report_mistakes_are_clear(gateway: Gateway) -> None:
         (["--key", "²"], "no key with prefix ²"),  # isdigit() but not int(): was a traceback
         (["--key", "99999999999999999999"], "no key with id 99999999999999999999"),
     ]:
-        result = cli(gateway.app, "usage", "report", *args)
+        result = invoke(gateway.app, "usage", "report", *args)
         assert result.exit_code != 0 and message in result.output, (args, result.output)
         assert isinstance(result.exception, SystemExit), args  # no traceback
 
@@ -217,11 +219,13 @@ def test_report_mistakes_are_clear(gateway: Gateway) -> None:
 def test_set_models_restricts_and_all_restores(gateway: Gateway) -> None:
     row, plain = keys.create_key("narrow", "standard")
     client = gateway.client(plain)
-    done = cli(gateway.app, "keys", "set-models", str(row.id), "qwen-plus, deepseek-chat,qwen-plus")
+    done = invoke(
+        gateway.app, "keys", "set-models", str(row.id), "qwen-plus, deepseek-chat,qwen-plus"
+    )
     assert done.exit_code == 0, done.output
     assert "may use: qwen-plus,deepseek-chat." in done.output
     assert keys.find_key(str(row.id)).allowed_models == "qwen-plus,deepseek-chat"
-    assert "qwen-plus,deepseek-chat" in cli(gateway.app, "keys", "list").output
+    assert "qwen-plus,deepseek-chat" in invoke(gateway.app, "keys", "list").output
 
     client.chat.completions.create(model="qwen-plus", messages=HI)
     with pytest.raises(openai.PermissionDeniedError) as caught:
@@ -232,7 +236,7 @@ def test_set_models_restricts_and_all_restores(gateway: Gateway) -> None:
     assert "not allowed to use the model `qwen-max`" in caught.value.message
     assert len(usage_records()) == 1  # the refused request reached no upstream
 
-    restored = cli(gateway.app, "keys", "set-models", row.prefix, "--all")
+    restored = invoke(gateway.app, "keys", "set-models", row.prefix, "--all")
     assert "may use: every model." in restored.output
     client.chat.completions.create(model="qwen-max", messages=HI)
 
@@ -245,6 +249,6 @@ def test_set_models_mistakes(gateway: Gateway) -> None:
         ([], "give MODELS"),
         (["qwen-plus", "--all"], "give MODELS"),
     ]:
-        result = cli(gateway.app, "keys", "set-models", str(row.id), *args)
+        result = invoke(gateway.app, "keys", "set-models", str(row.id), *args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
     assert keys.find_key(str(row.id)).allowed_models is None

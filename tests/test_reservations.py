@@ -18,11 +18,11 @@ from keymeai.ledger.billing import format_usd, parse_usd
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import QuotaReservation
 from keymeai.tokens import IMAGE_TOKENS, estimate_prompt_tokens
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import HI, MODEL, ask, hammer, reservations, sdk, wait_until
-from tests.support import Gunicorn, usage_records, wait_for_records
-from tests.test_quota import price_of
+from tests.helpers.clients import HI, ask, hammer, sdk, wait_until
+from tests.helpers.config import MODEL
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import price_of, reservations, usage_records, wait_for_records
+from tests.helpers.servers import Gateway, Gunicorn
 
 QUOTA = 2000
 CAP = parse_usd("0.001")

@@ -18,21 +18,13 @@ from keymeai.catalogue import Provider
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import UsageDaily, UsageRecord
 from keymeai.ops.scrub import Scrubber
-from tests.fake_upstream import FakeUpstream
-from tests.support import (
-    FAST_TIMEOUTS,
-    ROUTED_MODEL,
-    SOON,
-    Blackhole,
-    Routed,
-    add_provider,
-    add_route,
-    assert_no_secrets,
-    free_port,
-    log_text,
-    usage_records,
-)
-from tests.support import timed_chat as chat
+from tests.helpers.config import add_provider
+from tests.helpers.errors import assert_no_secrets, log_text
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.routing import FAST_TIMEOUTS, ROUTED_MODEL, SOON, Routed, add_route
+from tests.helpers.routing import timed_chat as chat
+from tests.helpers.servers import Blackhole, free_port
 
 MODEL = ROUTED_MODEL
 # Answers that mean "this upstream cannot serve now": fail over, 503 when none is left.

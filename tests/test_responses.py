@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from openai import BadRequestError, NotFoundError, OpenAI
 
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import usage_records, wait_for_records
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.servers import Gateway
 
 PIXEL = (
     "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNk"

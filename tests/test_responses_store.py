@@ -14,9 +14,9 @@ from keymeai.api import responses_store as store
 from keymeai.api.responses_store import StoredResponse
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import utcnow
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import wait_for_records
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import wait_for_records
+from tests.helpers.servers import Gateway
 
 pytestmark = pytest.mark.both_databases
 

@@ -1,6 +1,6 @@
 """The Responses API's streams where the HTTP layer matters: a client that hangs up, an
 upstream that dies mid-stream, an idle upstream kept alive, under real gunicorn or
-Werkzeug; and Codex CLI end to end (tests.processes.agent_cli finds it)."""
+Werkzeug; and Codex CLI end to end (tests.helpers.cli.agent_cli finds it)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from typing import Any
 import requests
 
 from keymeai.ledger import keys
-from tests.fake_upstream import FakeUpstream
-from tests.processes import agent_cli
-from tests.support import ROUTED_MODEL, Gunicorn, Routed, usage_records, wait_for_records
+from tests.helpers.cli import agent_cli
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.routing import ROUTED_MODEL, Routed
+from tests.helpers.servers import Gunicorn
 
 Start = Callable[..., Gunicorn]
 

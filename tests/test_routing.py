@@ -18,9 +18,11 @@ from typing import Any
 import openai
 import pytest
 
-from tests.fake_upstream import FakeUpstream
-from tests.support import Routed, assert_no_secrets, log_text, usage_records
-from tests.support import timed_chat as chat
+from tests.helpers.errors import assert_no_secrets, log_text
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.routing import Routed
+from tests.helpers.routing import timed_chat as chat
 
 COOLDOWN = 30.0  # on the manual clock
 # The hanging primary's read timeout: what every request would cost without the breaker.

@@ -25,9 +25,11 @@ from keymeai.catalogue import Provider
 from keymeai.ledger import keys
 from keymeai.ops.logs import REDACT, JsonFormatter
 from keymeai.ops.scrub import Scrubber
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.support import Gunicorn, add_route, log_text, wait_for_records
+from tests.helpers.errors import log_text
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import wait_for_records
+from tests.helpers.routing import add_route
+from tests.helpers.servers import Gateway, Gunicorn
 
 SECRET = "sk-Leak/Key+42=Ab"
 LEAKS = ("leak-400", "leak-500", "leak-stream")

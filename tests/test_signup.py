@@ -19,17 +19,11 @@ from keymeai.ledger.db import connection
 from keymeai.ledger.models import InviteCode, utcnow
 from keymeai.operator import invites
 from keymeai.operator.signup import REFUSED_CODE
-from tests.browser_support import HI, Pages, field, screenshot, sign_in
-from tests.conftest import Gateway
-from tests.signup_support import (
-    Sink,
-    post_form,
-    self_signed,
-    shown_key,
-    signup_gateway,
-    smtp_sink,
-)
-from tests.support import free_port
+from tests.helpers.browser import Pages, field, screenshot, sign_in
+from tests.helpers.clients import HI
+from tests.helpers.servers import Gateway, free_port
+from tests.helpers.services import self_signed
+from tests.helpers.signup import Sink, post_form, shown_key, signup_gateway, smtp_sink
 
 Start = Callable[..., Gateway]
 
@@ -288,7 +282,7 @@ def test_the_mail_goes_over_starttls_with_the_login_and_never_logs_in_without_it
     start_gateway: Start, config_data: dict[str, Any], tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, sink: Sink,
 ) -> None:  # fmt: skip
-    cert = self_signed(tmp_path)
+    cert = self_signed(tmp_path, "smtp")
     monkeypatch.setenv("SSL_CERT_FILE", str(cert[0]))  # trust the sink's certificate
     for tls_sink in smtp_sink(cert):
         url = f"smtp://ada%40team:s%3Acret@127.0.0.1:{tls_sink.port}"

@@ -24,15 +24,16 @@ import requests
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import UsageRecord
-from tests.fake_upstream import FakeUpstream, RecordedRequest
-from tests.slow_clients import (
+from tests.helpers.fake_upstream import FakeUpstream, RecordedRequest
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.raw_http import (
     closed_by_server,
     open_stream,
     read_response,
     start_slow_body,
     trickle,
 )
-from tests.support import Gunicorn, usage_records, wait_for_records
+from tests.helpers.servers import Gunicorn
 
 Start = Callable[..., Gunicorn]
 BODY_TIMEOUT = 1.0

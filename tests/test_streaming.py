@@ -24,8 +24,9 @@ from openai import OpenAI
 
 from keymeai.ledger import keys
 from keymeai.ledger.models import UsageRecord
-from tests.fake_upstream import FakeUpstream, RecordedRequest
-from tests.support import Gunicorn, usage_records, wait_for_records
+from tests.helpers.fake_upstream import FakeUpstream, RecordedRequest
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.servers import Gunicorn
 
 Start = Callable[..., Gunicorn]
 Serve = Callable[[], "Served"]

@@ -19,18 +19,10 @@ import pytest
 import requests
 
 from keymeai.ledger import keys
-from tests.fake_upstream import FakeUpstream
-from tests.support import (
-    FAST_TIMEOUTS,
-    ROUTED_MODEL,
-    SOON,
-    Routed,
-    add_route,
-    assert_no_secrets,
-    log_text,
-    usage_records,
-    wait_for_records,
-)
+from tests.helpers.errors import assert_no_secrets, log_text
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records, wait_for_records
+from tests.helpers.routing import FAST_TIMEOUTS, ROUTED_MODEL, SOON, Routed, add_route
 
 MESSAGES = [{"role": "user", "content": "hello there"}]
 PROMPT_ESTIMATE = 7  # "hello there": 11 x 0.3 = 3.3, plus 3 for the message, rounded up

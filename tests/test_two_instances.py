@@ -23,9 +23,9 @@ import requests
 from keymeai.ledger import keys
 from keymeai.ledger.db import connection
 from keymeai.ledger.models import ApiKey
-from tests.processes import cli_env, flask_cli
-from tests.support import Gunicorn, usage_records, wait_for_records
-from tests.test_concurrency import record_sums, rollup_sums
+from tests.helpers.cli import cli_env, flask_cli
+from tests.helpers.ledger import record_sums, rollup_sums, usage_records, wait_for_records
+from tests.helpers.servers import Gunicorn
 
 pytestmark = [
     pytest.mark.postgres,

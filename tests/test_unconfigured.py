@@ -16,10 +16,11 @@ import pytest
 import requests
 
 from keymeai.ledger import keys
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import HI, ask
-from tests.support import add_model, usage_records
+from tests.helpers.clients import HI, ask
+from tests.helpers.config import add_model
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import usage_records
+from tests.helpers.servers import Gateway
 
 UNSET = "KEYMEAI_TEST_UNSET_KEY"  # never set: the tests' environment is PROVIDER_ENV only
 LIMIT = 4

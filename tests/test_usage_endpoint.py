@@ -13,10 +13,11 @@ import requests
 
 from keymeai.ledger import keys
 from keymeai.ledger.billing import format_usd
-from tests.conftest import Gateway
-from tests.fake_upstream import FakeUpstream
-from tests.limit_support import ask, cli, reservations, wait_until
-from tests.support import usage_records
+from tests.helpers.cli import invoke
+from tests.helpers.clients import ask, wait_until
+from tests.helpers.fake_upstream import FakeUpstream
+from tests.helpers.ledger import reservations, usage_records
+from tests.helpers.servers import Gateway
 
 
 def standing(client: openai.OpenAI) -> Any:
@@ -72,7 +73,7 @@ def test_period_is_the_calendar_month_in_utc(gateway: Gateway) -> None:
 
 def test_reading_standing_is_not_rate_limited_and_costs_nothing(gateway: Gateway) -> None:
     key = gateway.create_key("scale")
-    cli(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--requests", "1 per day")
+    invoke(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--requests", "1 per day")
     client = gateway.client(key)
     ask(client)
     for _ in range(5):
@@ -118,7 +119,7 @@ def test_hobby_key_tokens_and_requests_in_flight(
 
 def test_spend_cap_is_reported(gateway: Gateway) -> None:
     key = gateway.create_key("standard")
-    cli(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--spend-cap", "25")
+    invoke(gateway.app, "keys", "set-limits", str(keys.find_key(key).id), "--spend-cap", "25")
     client = gateway.client(key)
     ask(client, {"words": 96})  # 1_066_800 units
     spend = standing(client)["limits"]["spend"]

@@ -2,10 +2,11 @@
 
 PostgreSQL: every test that runs on it gets a fresh database named `keymeai_t_<8 hex>`,
 created from the `postgres` maintenance database and dropped (with its leftover
-connections) afterwards. Redis: a test claims one of the databases 1-10 (a lock file
-per number keeps concurrent test runs on one machine apart) and it is flushed before
-and after. Where a server is absent its tests skip, unless KEYMEAI_REQUIRE_SERVICES=1
-(CI), which turns the skip into a failure.
+connections) afterwards. Redis: a test claims one of the databases 1-10 of the shared
+server (a lock file per number keeps concurrent test runs on one machine apart) and it
+is flushed before and after; a test that stops, freezes or kills Redis runs a
+`RedisServer` of its own. Where a server is absent its tests skip, unless
+KEYMEAI_REQUIRE_SERVICES=1 (CI), which turns the skip into a failure.
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ import fcntl
 import functools
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
 import redis
+
+from tests.helpers.servers import free_port
 
 # The maintenance database (trust auth on loopback); override for another server.
 POSTGRES_URL = os.environ.get(
@@ -34,13 +39,14 @@ POSTGRES_URL = os.environ.get(
 REDIS_URL = os.environ.get("KEYMEAI_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REDIS_DATABASES = range(1, 11)  # the numbers these tests may use (and flush)
 DATABASE_PREFIX = "keymeai_t_"
+TIMEOUT = 10  # seconds for any answer of PostgreSQL, Redis or a helper command
 
 
 def services_required() -> bool:
     return os.environ.get("KEYMEAI_REQUIRE_SERVICES") == "1"
 
 
-def unavailable(reason: str) -> None:
+def unavailable(reason: str) -> NoReturn:
     """Skip the test, or fail it where the services are mandatory (CI)."""
     if services_required():
         pytest.fail(f"{reason} (KEYMEAI_REQUIRE_SERVICES=1)", pytrace=False)
@@ -59,7 +65,7 @@ def postgres_problem() -> str | None:
 @functools.cache
 def redis_problem() -> str | None:
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3, socket_timeout=3).ping()
     except redis.RedisError as exc:
         return f"Redis unreachable at {_safe(REDIS_URL)}: {exc}"
     return None
@@ -117,11 +123,18 @@ def drop_postgres_database(url: str) -> None:
 
 @contextlib.contextmanager
 def postgres_database() -> Iterator[str]:
+    """A new database on the test server (skipped where it is unreachable), dropped after."""
+    require_postgres()
     url = create_postgres_database()
     try:
         yield url
     finally:
         drop_postgres_database(url)
+
+
+def redis_client(url: str) -> redis.Redis:
+    """A client of `url` whose every wait is bounded: a test never hangs on Redis."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=TIMEOUT)
 
 
 @contextlib.contextmanager
@@ -137,7 +150,7 @@ def redis_database() -> Iterator[str]:
                 lock.close()
                 continue
             url = f"{REDIS_URL}/{number}"
-            client = redis.Redis.from_url(url)
+            client = redis_client(url)
             try:
                 client.flushdb()
                 yield url
@@ -151,54 +164,65 @@ def redis_database() -> Iterator[str]:
             fcntl.flock(first, fcntl.LOCK_EX)
 
 
-class PrivateRedis:
-    """A redis-server of the test's own on a free port, which the test may stop.
+def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (`<name>-cert.pem`, `<name>-key.pem`)."""
+    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
+    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
+    command = [*openssl.split(), "-addext", "subjectAltName=IP:127.0.0.1"]
+    command += ["-keyout", str(key), "-out", str(cert)]
+    subprocess.run(command, check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, which the test may stop, kill,
+    freeze (a hung Redis) or thaw.
 
     `tls` serves TLS only, with a fresh self-signed certificate (`cert_path`), as
     hosted Redis add-ons do behind rediss:// URLs.
     """
 
-    def __init__(self, directory: Path, port: int, tls: bool = False) -> None:
+    def __init__(self, directory: Path, tls: bool = False) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             unavailable("redis-server is not installed")
-        self.port = port
+        self.port = free_port()
+        self.directory = directory
         self.cert_path = directory / "redis-cert.pem"
+        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{self.port}/0"
+        listen = ["--port", str(self.port)]
         if tls:
-            key_path = directory / "redis-key.pem"
-            openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
-            subprocess.run(
-                [
-                    *openssl.split(),
-                    *["-addext", "subjectAltName=IP:127.0.0.1"],
-                    *["-keyout", str(key_path), "-out", str(self.cert_path)],
-                ],
-                check=True,
-                capture_output=True,
-            )
-            listen = ["--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no"]
+            self.cert_path, key_path = self_signed(directory, "redis")
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
             listen += ["--tls-cert-file", str(self.cert_path), "--tls-key-file", str(key_path)]
             listen += ["--tls-ca-cert-file", str(self.cert_path)]
-        else:
-            listen = ["--port", str(port)]
-        self.url = f"{'rediss' if tls else 'redis'}://127.0.0.1:{port}/6"
-        self.process = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *listen],
-            cwd=directory,
-            stdout=subprocess.DEVNULL,
-        )
+        self.command = [binary, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        self.command += listen
+        self.tls = tls
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        """Launch it; return once it answers (stopped and raised if it does not)."""
+        self.process = subprocess.Popen(self.command, cwd=self.directory, stdout=subprocess.DEVNULL)
+        try:
+            self.wait_ready(f"{self.url}?ssl_cert_reqs=none" if self.tls else None)
+        except BaseException:
+            self.kill()
+            raise
+        return self
 
     def client(self, url: str | None = None) -> redis.Redis:
-        return redis.Redis.from_url(url or self.url, socket_connect_timeout=2)
+        return redis_client(url or self.url)
 
     def wait_ready(self, url: str | None = None, timeout: float = 10) -> None:
+        assert self.process is not None
         client = self.client(url)
         deadline = time.monotonic() + timeout
         while True:
             try:
                 client.ping()
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):
                 if time.monotonic() > deadline or self.process.poll() is not None:
                     raise
                 time.sleep(0.05)
@@ -206,6 +230,29 @@ class PrivateRedis:
                 client.close()
 
     def stop(self) -> None:
-        if self.process.poll() is None:
+        """Stop it as an operator would (SIGTERM), waiting (bounded) for it to go."""
+        if self.process is not None and self.process.poll() is None:
             self.process.terminate()
-            self.process.wait(10)
+            self.process.wait(TIMEOUT)
+
+    def kill(self) -> None:
+        """Kill it (a frozen one too)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.kill()
+            self.process.wait(TIMEOUT)
+
+    def freeze(self) -> None:
+        """Stop the process: connections still open, nothing ever answers (a hung Redis)."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def commands(self) -> dict[str, int]:
+        """Calls per command since start (INFO commandstats), e.g. {"evalsha": 10}."""
+        with self.client() as client:
+            stats = client.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}

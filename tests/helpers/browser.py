@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import openai
 
-from tests import services
-from tests.billing_support import ADMIN_TOKEN
-from tests.conftest import Gateway
-from tests.support import ROOT
+from tests.helpers.admin import ADMIN_TOKEN
+from tests.helpers.clients import HI
+from tests.helpers.config import ROOT
+from tests.helpers.servers import Gateway
+from tests.helpers.services import unavailable
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, BrowserContext, Dialog, Page
@@ -38,7 +39,6 @@ CHROMIUM_ARGS = [
 ]
 SCREENSHOTS = ROOT / "artifacts" / "screenshots"
 TIMEOUT_MS = 10_000
-HI = [{"role": "user", "content": "hi"}]  # 4 prompt tokens for the fake
 
 
 def browser_problem() -> str | None:
@@ -56,7 +56,7 @@ def launch_browser() -> Iterator[Browser]:
     fresh temporary profile (user data dir), removed when it closes."""
     problem = browser_problem()
     if problem:
-        services.unavailable(problem)
+        unavailable(problem)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

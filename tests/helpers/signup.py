@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import ssl
-import subprocess
 from collections.abc import Callable, Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -16,9 +15,8 @@ import requests
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from tests.billing_support import ADMIN_TOKEN
-from tests.conftest import Gateway
-from tests.support import free_port
+from tests.helpers.admin import ADMIN_TOKEN
+from tests.helpers.servers import Gateway, free_port
 
 
 def signup_gateway(
@@ -88,17 +86,8 @@ class Sink:
         return f"smtp://127.0.0.1:{self.port}"
 
 
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made by openssl."""
-    cert, key = directory / "smtp-cert.pem", directory / "smtp-key.pem"
-    openssl = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=127.0.0.1"
-    command = [*openssl.split(), "-addext", "subjectAltName=IP:127.0.0.1"]
-    subprocess.run([*command, "-keyout", str(key), "-out", str(cert)], check=True,
-                   capture_output=True)  # fmt: skip
-    return cert, key
-
-
 def smtp_sink(cert: tuple[Path, Path] | None = None) -> Iterator[Sink]:
+    """A running `Sink` (for a fixture), stopped afterwards."""
     sink = Sink(cert)
     sink.controller.start()
     try:
