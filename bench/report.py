@@ -1,4 +1,4 @@
-"""The benchmark's table, ratios and the targets of issue 7, from the raw results.
+"""The benchmark's table, ratios and the targets it is held to, from the raw results.
 
 How to read it: "added" is through-X minus direct to the upstream (same workload, same
 run), so it is what the hop costs; "CPU µs/req" is the server processes' CPU time per
@@ -199,7 +199,7 @@ def print_report(results: dict[str, Any], workers: int) -> None:
     print("\nPeak RSS per worker (VmHWM, MB):")
     for name, by_pid in results["rss_kb"].items():
         print(f"  {name}: " + ", ".join(f"{kb / 1024:.1f}" for kb in by_pid.values()))
-    print("\nTargets (issue 7):")
+    print("\nTargets:")
     for what, value, target, passed in targets(results, workers):
         print(f"  {'PASS' if passed else 'FAIL'}  {what}: {value:.2f} (target {target})")
     if "profile" in results:

@@ -9,8 +9,8 @@ Starts the fast fake upstream (bench/fastfake.py), the gateway under gunicorn as
 Procfile runs it (full auth, limits, metering, with a key made by the CLI) and the bare
 passthrough (bench/passthrough.py) under the same gunicorn settings, then measures the
 same workload direct to the upstream, through the passthrough and through the gateway.
-"Added" latency is through-X minus direct. Prints a table, ratios and the targets of
-issue 7 (PASS/FAIL); `--json PATH` also saves the raw figures.
+"Added" latency is through-X minus direct. Prints a table, ratios and its targets
+(PASS/FAIL); `--json PATH` also saves the raw figures.
 """
 
 from __future__ import annotations
