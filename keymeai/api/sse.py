@@ -21,6 +21,13 @@ import requests
 
 READ_SIZE = 16384
 QUEUE_READS = 4  # reads queued per stream: at most 64 KiB of events waiting for the client
+# No chat chunk comes near this; a line or event past it is a broken upstream, ended as
+# such rather than buffered without bound.
+MAX_EVENT_BYTES = 8 * 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """An upstream line or event past MAX_EVENT_BYTES."""
 
 
 @dataclass(frozen=True)
@@ -43,23 +50,30 @@ class SSEDecoder:
     """Incremental SSE decoder: feed it bytes, get back complete events."""
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = bytearray()  # the line not yet ended: grows in place, read after read
         self._data: list[bytes] = []
+        self._data_size = 0
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
-        lines = (self._pending + chunk).split(b"\n")
-        self._pending = lines.pop()
+        """The events `chunk` completes; EventTooLarge past MAX_EVENT_BYTES."""
+        self._pending += chunk
+        if b"\n" not in chunk:
+            self._check(len(self._pending))
+            return []
+        lines = bytes(self._pending).split(b"\n")
+        self._pending = bytearray(lines.pop())
         events: list[bytes | None] = []
         for line in lines:
             self._line(line.removesuffix(b"\r"), events)
+        self._check(len(self._pending))
         return events
 
     def finish(self) -> list[bytes | None]:
         """Events left at the end of the stream, even without their final blank line."""
         events: list[bytes | None] = []
         if self._pending:
-            self._line(self._pending.removesuffix(b"\r"), events)
-            self._pending = b""
+            self._line(bytes(self._pending).removesuffix(b"\r"), events)
+            self._pending = bytearray()
         self._line(b"", events)
         return events
 
@@ -68,6 +82,7 @@ class SSEDecoder:
             if self._data:
                 events.append(b"\n".join(self._data))
                 self._data = []
+                self._data_size = 0
             return
         if line.startswith(b":"):
             if None not in events:
@@ -76,6 +91,13 @@ class SSEDecoder:
         name, _, value = line.partition(b":")
         if name == b"data":
             self._data.append(value.removeprefix(b" "))
+            self._data_size += len(value)
+            self._check(self._data_size)
+
+    @staticmethod
+    def _check(size: int) -> None:
+        if size > MAX_EVENT_BYTES:
+            raise EventTooLarge(f"an upstream event over {MAX_EVENT_BYTES} bytes")
 
 
 class EventReader:

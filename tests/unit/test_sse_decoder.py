@@ -8,7 +8,7 @@ import pytest
 import requests
 import urllib3
 
-from keymeai.api.sse import READ_SIZE, SSEDecoder, describe_error
+from keymeai.api.sse import MAX_EVENT_BYTES, READ_SIZE, EventTooLarge, SSEDecoder, describe_error
 
 Events = list[bytes | None]
 
@@ -120,3 +120,27 @@ def test_describe_error_stops_after_four_causes() -> None:
     for _ in range(6):
         error = RuntimeError(error)
     assert describe_error(error) == "RuntimeError: RuntimeError: RuntimeError: RuntimeError"
+
+
+def test_a_line_past_the_bound_ends_the_stream_as_the_upstreams_fault() -> None:
+    decoder = SSEDecoder()
+    piece = b"x" * READ_SIZE
+    with pytest.raises(EventTooLarge):
+        for _ in range(MAX_EVENT_BYTES // READ_SIZE + 1):
+            decoder.feed(piece)  # one line that never ends
+    assert describe_error(EventTooLarge("big")) == "EventTooLarge"
+
+
+def test_an_event_of_many_lines_past_the_bound_is_refused_too() -> None:
+    line = b"data: " + b"y" * (1024 * 1024) + b"\n"
+    decoder = SSEDecoder()
+    with pytest.raises(EventTooLarge):
+        for _ in range(MAX_EVENT_BYTES // (1024 * 1024) + 1):
+            decoder.feed(line)  # data lines of one event: no blank line between them
+
+
+def test_a_large_event_within_the_bound_arrives_whole() -> None:
+    payload = b'{"choices": [{"delta": {"content": "' + b"z" * (4 * 1024 * 1024) + b'"}}]}'
+    raw = b"data: " + payload + b"\n\n"
+    reads = [raw[i : i + READ_SIZE] for i in range(0, len(raw), READ_SIZE)]
+    assert data(decode(*reads)) == [payload]
