@@ -110,5 +110,5 @@ def delta_text(delta: Any) -> str:
     parts = [delta.get("content"), delta.get("reasoning_content")]
     for call in delta.get("tool_calls") or ():
         if isinstance(call, dict) and isinstance(call.get("function"), dict):
-            parts.append(call["function"].get("arguments"))
+            parts += [call["function"].get("name"), call["function"].get("arguments")]
     return "".join(p for p in parts if isinstance(p, str))

@@ -52,13 +52,13 @@ def test_a_text_counts_the_same_however_it_is_split(text: str, cuts: list[int]) 
         (
             {
                 "tool_calls": [
-                    {"index": 0, "function": {"arguments": '{"a"'}},
+                    {"index": 0, "function": {"name": "get_weather", "arguments": '{"a"'}},
                     {"index": 1, "function": {"arguments": ":1}"}},
                     {"index": 2, "function": None},
                     "junk",
                 ]
             },
-            '{"a":1}',
+            'get_weather{"a":1}',
         ),
         ({"content": 5, "reasoning_content": ["x"]}, ""),
         (None, ""),
@@ -66,5 +66,5 @@ def test_a_text_counts_the_same_however_it_is_split(text: str, cuts: list[int]) 
     ],
 )
 def test_generated_text_of_a_delta(delta: Any, text: str) -> None:
-    """What a stream chunk generated: content, reasoning and tool-call arguments."""
+    """What a stream chunk generated: content, reasoning, tool-call names and arguments."""
     assert delta_text(delta) == text
