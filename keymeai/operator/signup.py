@@ -160,14 +160,17 @@ def _redeem(code: str, name: str, client: str, email: str | None) -> tuple[ApiKe
     if not code:
         raise Refusal(400, "Enter your invite code.")
     strategy = gateway.current().limiter.limiter
-    if not strategy.test(WRONG_CODES, "signup-codes", client):
+    # Every attempt is counted before its code is looked at, so that guesses sent in
+    # parallel cannot all pass a check made before any of them was counted; a right code
+    # gives its count back.
+    if not strategy.hit(WRONG_CODES, "signup-codes", client):
         wait = _wait(WRONG_CODES, "signup-codes", client)
         raise Refusal(429, f"Too many wrong codes from your address ({WRONG_CODES}).", wait)
     made = invites.redeem(code, name, client, email)
     if made is None:
-        strategy.hit(WRONG_CODES, "signup-codes", client)
         log.warning("signup: invite code refused", extra={"client": client})
         raise Refusal(400, REFUSED_CODE)
+    strategy.hit(WRONG_CODES, "signup-codes", client, cost=-1)
     return made
 
 
