@@ -9,6 +9,7 @@ artifacts/screenshots/.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 from collections.abc import Callable, Iterator
@@ -63,6 +64,10 @@ def launch_browser() -> Iterator[Browser]:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
+    # Playwright's sync API runs on greenlets: collect what it left here, right after it
+    # stopped, rather than whenever a later test's allocation starts a collection (a
+    # pytest process once crashed inside the collector soon after the page tests).
+    gc.collect()
 
 
 class Pages:
