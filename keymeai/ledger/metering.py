@@ -257,19 +257,24 @@ def write_batch(records: list[dict[str, Any]], reservation_ids: list[int]) -> No
     Exactly-once: a record whose `record_id` is already there (a retry after a commit
     whose acknowledgement was lost, a journal applied twice) inserts nothing and adds
     nothing to the roll-up; dropping a reservation twice is harmless.
+
+    Rows are written in one order (record ids, then roll-up keys, then reservation ids)
+    by every writer, so that two batches touching the same rows on PostgreSQL wait for
+    each other instead of deadlocking (two instances' writers, or a worker's writer and
+    a reader catching up on the same journals).
     """
     record, daily, release = _statements(db.param)
     with connection(), write_transaction():
         sums: dict[tuple[Any, ...], list[int]] = {}
-        for fields in records:
+        for fields in sorted(records, key=lambda fields: str(fields.get("record_id") or "")):
             if db.execute_sql(record, _record_values(fields)).rowcount:
                 group = (fields["key"], fields["created_at"].date(), fields["model"])
                 values = [1, *(fields[c] for c in ROLLED_UP)]
                 total = sums.setdefault(group, [0] * len(values))
                 total[:] = [a + b for a, b in zip(total, values, strict=True)]
-        for group, values in sums.items():
-            db.execute_sql(daily, [*group, *values])
-        for reservation_id in reservation_ids:
+        for group in sorted(sums):
+            db.execute_sql(daily, [*group, *sums[group]])
+        for reservation_id in sorted(reservation_ids):
             db.execute_sql(release, [reservation_id])
 
 
