@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from peewee import DatabaseError, InterfaceError, OperationalError
 
-from .metering import write_batch
+from .metering import WRITE_ATTEMPTS, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +104,31 @@ def apply(entries: Iterable[dict[str, Any]]) -> None:
     if not batch:
         return
     try:
-        write_batch([_record(e["rec"]) for e in batch if e["rec"]], _releases(batch))
+        _write([_record(e["rec"]) for e in batch if e["rec"]], _releases(batch))
     except (OperationalError, InterfaceError):
         raise
     except DatabaseError:
         for entry in batch:  # one at a time, to find and drop the refused one
             try:
-                write_batch([_record(entry["rec"])] if entry["rec"] else [], _releases([entry]))
+                _write([_record(entry["rec"])] if entry["rec"] else [], _releases([entry]))
             except (OperationalError, InterfaceError):
                 raise
             except DatabaseError as exc:
                 log.error("usage record refused: %s", exc, extra={"usage_record": entry["rec"]})
+
+
+def _write(records: list[dict[str, Any]], releases: list[int]) -> None:
+    """write_batch, tried again on a transient error (a deadlock or serialisation
+    failure PostgreSQL resolved by aborting this side, a dropped connection): the batch
+    is exactly-once, so a retry can only complete it."""
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            write_batch(records, releases)
+            return
+        except (OperationalError, InterfaceError):
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            time.sleep(0.01 * 2**attempt)
 
 
 def _releases(batch: list[dict[str, Any]]) -> list[int]:
