@@ -258,15 +258,16 @@ def write_batch(records: list[dict[str, Any]], reservation_ids: list[int]) -> No
     whose acknowledgement was lost, a journal applied twice) inserts nothing and adds
     nothing to the roll-up; dropping a reservation twice is harmless.
 
-    Rows are written in one order (record ids, then roll-up keys, then reservation ids)
-    by every writer, so that two batches touching the same rows on PostgreSQL wait for
-    each other instead of deadlocking (two instances' writers, or a worker's writer and
-    a reader catching up on the same journals).
+    Roll-ups and reservations are written in one order (sorted) by every writer, so that
+    two batches touching the same rows on PostgreSQL wait for each other instead of
+    deadlocking (two instances' writers, or a worker's writer and a reader catching up
+    on the same journals); records keep their journal's order, which two readers of one
+    journal share.
     """
     record, daily, release = _statements(db.param)
     with connection(), write_transaction():
         sums: dict[tuple[Any, ...], list[int]] = {}
-        for fields in sorted(records, key=lambda fields: str(fields.get("record_id") or "")):
+        for fields in records:  # in journal order: the ledger's ids follow the requests
             if db.execute_sql(record, _record_values(fields)).rowcount:
                 group = (fields["key"], fields["created_at"].date(), fields["model"])
                 values = [1, *(fields[c] for c in ROLLED_UP)]
