@@ -89,6 +89,16 @@ def test_reading_standing_is_not_rate_limited_and_costs_nothing(gateway: Gateway
     assert standing(client)["usage"]["requests"] == 1
 
 
+def test_a_tier_without_request_limits_reports_none(
+    start_gateway: Callable[..., Gateway], config_data: dict[str, Any]
+) -> None:
+    config_data["tiers"]["standard"]["requests"] = []
+    gateway = start_gateway(config_data)
+    client = gateway.client(gateway.create_key("standard"))
+    ask(client)
+    assert standing(client)["limits"]["requests"] == []
+
+
 def test_hobby_key_tokens_and_requests_in_flight(
     start_gateway: Callable[..., Gateway], config_data: dict[str, Any], upstream: FakeUpstream
 ) -> None:

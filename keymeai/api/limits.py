@@ -139,7 +139,8 @@ def current_windows(
     The storage key is built as Flask-Limiter builds it for the chat route's limit: the
     key identity, then the endpoint as scope.
     """
-    items = parse_many(";".join(limits_in_force(key, tier)))
+    in_force = limits_in_force(key, tier)
+    items = parse_many(";".join(in_force)) if in_force else []  # a tier may have none
     identity = storage_key(key)
     return [
         (item, limiter.limiter.get_window_stats(item, identity, CHAT_ENDPOINT)) for item in items
