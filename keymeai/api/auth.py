@@ -14,7 +14,6 @@ from flask import request
 
 from ..errors import ApiError, anthropic_route, invalid_api_key
 from ..ledger.keys import KeyInfo, hash_key, is_well_formed, lookup
-from ..ledger.models import utcnow
 from . import guesses
 
 MAX_CACHED = 10_000
@@ -82,7 +81,7 @@ def check_key(token: str, cache: KeyCache) -> KeyInfo:
         raise invalid_api_key(f"Incorrect API key provided: {token[:7]}****.")
     if info.revoked:
         raise invalid_api_key(f"This API key ({info.prefix}...) has been revoked.")
-    if info.expires_at is not None and info.expired(utcnow()):
+    if info.expired():
         raise invalid_api_key(f"This API key ({info.prefix}...) has expired.")
     return info
 

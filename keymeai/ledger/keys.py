@@ -67,8 +67,9 @@ class KeyInfo:
             max_concurrent=row.max_concurrent,
         )
 
-    def expired(self, now: dt.datetime) -> bool:
-        return self.expires_at is not None and self.expires_at <= now
+    def expired(self) -> bool:
+        """Whether the key has expired; the clock is read only for a key that can."""
+        return self.expires_at is not None and self.expires_at <= utcnow()
 
 
 def check_name(value: str, label: str = "name") -> str:
