@@ -56,11 +56,12 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[bytes | None]:
         """The events `chunk` completes; EventTooLarge past MAX_EVENT_BYTES."""
-        self._pending += chunk
         if b"\n" not in chunk:
+            self._pending += chunk
             self._check(len(self._pending))
             return []
-        lines = bytes(self._pending).split(b"\n")
+        # Usually no line is left over from the last read: then the read is split as is.
+        lines = (bytes(self._pending) + chunk if self._pending else chunk).split(b"\n")
         self._pending = bytearray(lines.pop())
         events: list[bytes | None] = []
         for line in lines:
